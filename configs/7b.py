@@ -1,0 +1,18 @@
+"""MM-Rec 7b: vocab 32000, D=4096, 21 layers, 32 heads, max_seq_len 32768."""
+from mmrec_jax.config import make_config
+
+
+def get_config():
+  c = make_config(
+      "7b", vocab_size=32000, d_model=4096, n_layers=21, n_heads=32, max_seq_len=32768,
+      use_dpg=True, use_uboo=True, chunk_size=128, mem_slots=8, mem_levels=6, dtype='bfloat16', remat='dots')
+  c.train.batch_size = 512
+  c.train.seq_len = 8192
+  c.train.lr = 0.00015
+  c.train.steps = 500000
+  c.train.warmup_steps = 2000
+  c.checkpoint.every = 1000
+  c.checkpoint.keep = 3
+  c.mesh.fsdp = -1
+  c.mesh.data = 1
+  return c

@@ -1,0 +1,18 @@
+"""MM-Rec medium: vocab 32000, D=2048, 16 layers, 16 heads, max_seq_len 16384."""
+from mmrec_jax.config import make_config
+
+
+def get_config():
+  c = make_config(
+      "medium", vocab_size=32000, d_model=2048, n_layers=16, n_heads=16, max_seq_len=16384,
+      use_dpg=True, chunk_size=128, mem_slots=8, mem_levels=5, dtype='bfloat16', remat='dots')
+  c.train.batch_size = 128
+  c.train.seq_len = 8192
+  c.train.lr = 0.0003
+  c.train.steps = 200000
+  c.train.warmup_steps = 2000
+  c.checkpoint.every = 1000
+  c.checkpoint.keep = 3
+  c.mesh.fsdp = -1
+  c.mesh.data = 1
+  return c

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m mmrec_jax.bench.NAME`."""

@@ -1,0 +1,159 @@
+"""HDS: the bounded, hierarchical long-term memory of one layer (pure functions).
+
+The sequence is cut into chunks of C tokens, aligned to the document start (a
+reset starts a new chunk and empties the memory). When a chunk ends, its
+summary is written into the memory:
+
+- level 0 keeps the last S summaries at full resolution;
+- a summary evicted from level l-1 waits in level l's pending slot until a
+  second one arrives; their mean is pushed into level l, whose slots therefore
+  hold means of 2**l chunk summaries;
+- the last level drops what it evicts.
+
+So L levels of S slots cover S * (2**L - 1) chunks with L * (S + 1) slots
+(the pending slots are readable too). A token reads only memory written by
+chunks before its own (block-causal).
+
+Training computes every chunk's summary in parallel, runs the memory writes as
+a short scan over chunk ends (T / C steps), and lets each token attend to the
+snapshot of the memory it may see. Decoding calls the very same functions with
+T = 1, so both give the same numbers.
+
+Everything here is for ONE sequence; the layer vmaps it over the batch.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def empty_memory(levels, slots, width):
+  """The memory of one sequence at a document start."""
+  return {
+      "slots": jnp.zeros((levels, slots, width), jnp.float32),
+      "valid": jnp.zeros((levels, slots), bool),
+      "pend": jnp.zeros((levels, width), jnp.float32),
+      "pend_n": jnp.zeros((levels,), jnp.int32),
+  }
+
+
+def write(mem, s_D):
+  """Writes one chunk summary; cascades evictions into coarser levels."""
+  slots, valid, pend, pend_n = mem["slots"], mem["valid"], mem["pend"], mem["pend_n"]
+  levels = slots.shape[0]
+  new_slots, new_valid, new_pend, new_pend_n = [], [], [], []
+  x_D, has = s_D, jnp.array(True)
+  for l in range(levels):
+    if l > 0:  # the item evicted from level l-1 waits for a partner
+      p_D = pend[l] + jnp.where(has, x_D, 0.0)
+      n = pend_n[l] + has.astype(jnp.int32)
+      full = n == 2
+      x_D, has = p_D / 2.0, full
+      new_pend.append(jnp.where(full, 0.0, p_D))
+      new_pend_n.append(jnp.where(full, 0, n))
+    else:
+      new_pend.append(pend[0])
+      new_pend_n.append(pend_n[0])
+    evicted_D, evicted_valid = slots[l, -1], valid[l, -1]
+    pushed_SD = jnp.concatenate([x_D[None], slots[l, :-1]], axis=0)
+    pushed_S = jnp.concatenate([jnp.ones((1,), bool), valid[l, :-1]], axis=0)
+    new_slots.append(jnp.where(has, pushed_SD, slots[l]))
+    new_valid.append(jnp.where(has, pushed_S, valid[l]))
+    x_D, has = evicted_D, has & evicted_valid
+  return {"slots": jnp.stack(new_slots), "valid": jnp.stack(new_valid),
+          "pend": jnp.stack(new_pend), "pend_n": jnp.stack(new_pend_n)}
+
+
+def readable(mem):
+  """The readable slots [M, D] and their mask [M], M = levels * (slots + 1)."""
+  levels, slots, width = mem["slots"].shape
+  m_MD = jnp.concatenate([mem["slots"].reshape(levels * slots, width), mem["pend"]], axis=0)
+  v_M = jnp.concatenate([mem["valid"].reshape(-1), mem["pend_n"] > 0], axis=0)
+  return m_MD, v_M
+
+
+def positions(pos0, reset_T):
+  """Position of every token in its document, given the carried position."""
+  t_T = jnp.arange(reset_T.shape[0])
+  last_reset_T = jax.lax.cummax(jnp.where(reset_T, t_T, -1))
+  pos_T = jnp.where(last_reset_T >= 0, t_T - last_reset_T, pos0 + t_T)
+  return pos_T, last_reset_T
+
+
+def chunk_events(pos_T, last_reset_T, chunk):
+  """Where chunks end, and for every token which memory snapshot it reads.
+
+  Returns:
+    end_K: token index of each of the first K chunk ends (K = T // C + 1 bound).
+    end_valid_K: which of those are real.
+    clear_K: whether a reset happened since the previous chunk end.
+    k_T: how many chunk ends come strictly before each token.
+    cleared_T: the token's document started after the last chunk end before it.
+  """
+  T = pos_T.shape[0]
+  t_T = jnp.arange(T)
+  end_T = pos_T % chunk == chunk - 1
+  K = T // chunk + 1
+  (end_K,) = jnp.nonzero(end_T, size=K, fill_value=T - 1)
+  n_end = jnp.sum(end_T)
+  end_valid_K = jnp.arange(K) < n_end
+  prev_end_K = jnp.concatenate([jnp.array([-1]), end_K[:-1]])
+  clear_K = last_reset_T[end_K] > prev_end_K
+  k_T = jnp.cumsum(end_T) - end_T
+  last_end_T = jax.lax.cummax(jnp.where(end_T, t_T, -1))
+  last_end_before_T = jnp.concatenate([jnp.array([-1]), last_end_T[:-1]])
+  cleared_T = last_reset_T > last_end_before_T
+  return end_K, end_valid_K, clear_K, k_T, cleared_T, end_T
+
+
+def run_writes(mem0, summ_KD, valid_K, clear_K):
+  """Applies the chunk writes in order; returns the K+1 snapshots and the final memory."""
+  empty = jax.tree_util.tree_map(jnp.zeros_like, mem0)
+
+  def step(mem, xs):
+    s_D, ok, clear = xs
+    cleared = jax.tree_util.tree_map(lambda e, m: jnp.where(clear, e, m), empty, mem)
+    new = write(cleared, s_D)
+    mem = jax.tree_util.tree_map(lambda n, m: jnp.where(ok, n, m), new, mem)
+    return mem, mem
+
+  final, snaps = jax.lax.scan(step, mem0, (summ_KD, valid_K, clear_K))
+  snaps = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), mem0, snaps)
+  return snaps, final
+
+
+def attend(q_THd, keys_KMHd, values_KMHd, valid_KM, k_T, cleared_T, window):
+  """Each token attends to the memory snapshot it may see (multi-head).
+
+  Tokens are taken in windows of at most C consecutive positions; a window
+  holds at most one chunk end, so its tokens see one of two snapshots.
+  Returns [T, H, hd] float32; an empty memory reads as zeros.
+  """
+  T, H, hd = q_THd.shape
+  K1 = keys_KMHd.shape[0]
+  pad = (-T) % window
+  if pad:
+    q_THd = jnp.concatenate([q_THd, jnp.zeros((pad, H, hd), q_THd.dtype)])
+    k_T = jnp.concatenate([k_T, jnp.broadcast_to(k_T[-1], (pad,))])
+    cleared_T = jnp.concatenate([cleared_T, jnp.ones((pad,), bool)])
+  n = (T + pad) // window
+  q_NWHd = q_THd.reshape(n, window, H, hd)
+  k_NW = k_T.reshape(n, window)
+  lo_N = k_NW[:, 0]
+  idx_N2 = jnp.minimum(lo_N[:, None] + jnp.arange(2)[None], K1 - 1)
+  kk_N2MHd = keys_KMHd[idx_N2]
+  vv_N2MHd = values_KMHd[idx_N2]
+  ok_N2M = valid_KM[idx_N2]
+  logits = jnp.einsum("nwhd,njmhd->nwhjm", q_NWHd, kk_N2MHd,
+                      preferred_element_type=jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
+  sel_NW2 = (k_NW - lo_N[:, None])[..., None] == jnp.arange(2)
+  mask = (sel_NW2[:, :, None, :, None] & ok_N2M[:, None, None, :, :]
+          & ~cleared_T.reshape(n, window)[:, :, None, None, None])
+  logits = jnp.where(mask, logits, -1e30)
+  mx = jnp.max(logits, axis=(-2, -1), keepdims=True)
+  p = jnp.where(mask, jnp.exp(logits - mx), 0.0)
+  denom = jnp.sum(p, axis=(-2, -1), keepdims=True)
+  p = p / jnp.maximum(denom, 1e-30)
+  out_NWHd = jnp.einsum("nwhjm,njmhd->nwhd", p.astype(vv_N2MHd.dtype), vv_N2MHd,
+                        preferred_element_type=jnp.float32)
+  return out_NWHd.reshape(n * window, H, hd)[:T]

@@ -1,0 +1,219 @@
+"""The architecture's invariants (design note, 'Invariants'), on small shapes."""
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmrec_jax import model as M
+
+V = 64
+ALL_ON = M.ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, chunk_size=4, mem_slots=2,
+                       mem_levels=3, use_dpg=True, dpg_rank=4, use_moe=True, moe_experts=4,
+                       moe_capacity_factor=2.0,  # capacity = 4T/E... = T: never drops, so streaming is exact
+                       use_uboo=True, dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def all_on():
+  model = M.MMRec(ALL_ON)
+  params = nn.unbox(M.init_params(model, jax.random.key(0)))
+  apply = jax.jit(lambda p, t, s, r: model.apply({"params": p}, t, state=s, reset=r))
+  return model, params, apply
+
+
+def _tokens(B, T, seed=1):
+  return jax.random.randint(jax.random.key(seed), (B, T), 0, V)
+
+
+def test_causality_with_every_option_on(all_on):
+  model, params, apply = all_on
+  T, t = 48, 21
+  toks = _tokens(2, T)
+  s0 = model.init_state(2)
+  r = jnp.zeros((2, T), bool).at[1, 9].set(True)
+  lo, _, _ = apply(params, toks, s0, r)
+  lo2, _, _ = apply(params, toks.at[:, t:].set((toks[:, t:] + 7) % V), s0, r)
+  diff_T = jnp.abs(lo2 - lo).max(axis=(0, 2))
+  assert float(diff_T[:t].max()) == 0.0
+  assert float(diff_T[t]) > 1e-4  # the changed token itself changes its prediction
+
+
+def test_streaming_pieces_and_token_by_token_equal_full_pass(all_on):
+  model, params, apply = all_on
+  T = 30
+  toks = _tokens(2, T, seed=2)
+  r = jnp.zeros((2, T), bool).at[0, 11].set(True).at[1, 17].set(True)
+  full, s_full, _ = apply(params, toks, model.init_state(2), r)
+  pieces, s = [], model.init_state(2)
+  for a, b in [(0, 5), (5, 18), (18, 30)]:
+    lo, s, _ = apply(params, toks[:, a:b], s, r[:, a:b])
+    pieces.append(lo)
+  np.testing.assert_allclose(np.concatenate(pieces, 1), full, atol=2e-5, rtol=1e-5)
+  steps, s = [], model.init_state(2)
+  for t in range(T):
+    lo, s, _ = apply(params, toks[:, t:t + 1], s, r[:, t:t + 1])
+    steps.append(lo)
+  np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=2e-5, rtol=1e-5)
+  for k in s_full:
+    np.testing.assert_allclose(np.asarray(s[k], np.float32), np.asarray(s_full[k], np.float32),
+                               atol=2e-5, err_msg=k)
+
+
+def test_document_start_drops_all_state(all_on):
+  model, params, apply = all_on
+  toks = _tokens(1, 40, seed=3)
+  r = jnp.zeros((1, 40), bool).at[0, 13].set(True)
+  packed, _, _ = apply(params, toks, model.init_state(1), r)
+  alone, _, _ = apply(params, toks[:, 13:], model.init_state(1), r[:, 13:])
+  np.testing.assert_allclose(packed[:, 13:], alone, atol=2e-5, rtol=1e-5)
+
+
+def test_memory_is_read_block_causally(all_on):
+  model, params, apply = all_on
+  toks = _tokens(1, 24, seed=4)
+  base, _, _ = apply(params, toks, model.init_state(1), None)
+  p2 = jax.tree_util.tree_map(lambda x: x, params)
+  for blk in ("key", "value"):
+    k = p2["blocks"]["memory"][blk]["dense"]["kernel"]
+    p2["blocks"]["memory"][blk]["dense"]["kernel"] = k * 3.0
+  other, _, _ = apply(p2, toks, model.init_state(1), None)
+  d_T = jnp.abs(other - base).max(axis=(0, 2))
+  C = ALL_ON.chunk_size
+  assert float(d_T[:C].max()) == 0.0      # first chunk: empty memory
+  assert float(d_T[C:].min()) > 0.0       # later chunks read the memory
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_no_nan_or_inf_over_32k_tokens(dtype):
+  cfg = M.ModelConfig(vocab_size=V, d_model=16, n_layers=2, n_heads=2, chunk_size=32, mem_slots=4,
+                      mem_levels=4, dtype=dtype)
+  model = M.MMRec(cfg)
+  params = nn.unbox(M.init_params(model, jax.random.key(0)))
+  toks = _tokens(1, 32768, seed=5)
+  lo, st, _ = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, toks)
+  assert bool(jnp.isfinite(lo).all())
+  assert all(bool(jnp.isfinite(x).all()) for x in jax.tree_util.tree_leaves(st)
+             if jnp.issubdtype(x.dtype, jnp.floating))
+  assert bool(st["valid"].any())  # memory filled
+
+
+def test_every_parameter_gets_a_gradient(all_on):
+  model, params, _ = all_on
+  toks = _tokens(2, 32, seed=6)
+  w = M.aux_weights(ALL_ON)
+
+  def loss(p):
+    lo, _, aux = model.apply({"params": p}, toks[:, :-1], deterministic=False,
+                             rngs={"dropout": jax.random.key(1)})
+    ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lo), toks[:, 1:, None], -1))
+    return ce + sum(w[k] * aux[k] for k in aux)
+
+  grads = jax.jit(jax.grad(loss))(params)
+  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+  dead = [jax.tree_util.keystr(p) for p, g in flat if not bool(jnp.any(g != 0))]
+  assert not dead, f"parameters without gradient: {dead}"
+  # Every layer and every expert is alive, not only the stacked arrays.
+  for p, g in flat:
+    g = np.asarray(g)
+    assert (np.abs(g).reshape(g.shape[0], -1).max(1) > 0).all(), jax.tree_util.keystr(p)
+  moe = np.asarray(grads["blocks"]["moe"]["w_up"])
+  assert (np.abs(moe).reshape(moe.shape[0] * moe.shape[1], -1).max(1) > 0).all()
+
+
+def test_options_off_create_no_parameters():
+  off = M.MMRec(ALL_ON.replace(use_dpg=False, use_moe=False, use_uboo=False))
+  names = {jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_flatten_with_path(M.param_shapes(off))[0]}
+  assert not any("moe" in n or "uboo" in n or "rank" in n for n in names)
+  assert any("ffn" in n for n in names)
+  on = {jax.tree_util.keystr(p) for p, _ in
+        jax.tree_util.tree_flatten_with_path(M.param_shapes(M.MMRec(ALL_ON)))[0]}
+  assert any("moe" in n for n in on) and any("uboo" in n for n in on)
+  assert not any("'ffn'" in n for n in on)
+
+
+def test_aux_losses_are_returned_and_non_degenerate(all_on):
+  model, params, apply = all_on
+  _, _, aux = apply(params, _tokens(2, 16), model.init_state(2), None)
+  assert set(aux) == {"moe", "uboo"}
+  # A zero predictor does not minimise UBOO: the target has unit RMS.
+  zero = jax.tree_util.tree_map(lambda x: x, params)
+  zero["blocks"]["uboo"] = jax.tree_util.tree_map(jnp.zeros_like, zero["blocks"]["uboo"])
+  _, _, aux0 = apply(zero, _tokens(2, 16), model.init_state(2), None)
+  assert float(aux0["uboo"]) == pytest.approx(ALL_ON.n_layers * 1.0, rel=1e-3)
+  assert 0.0 < float(aux["moe"]) < ALL_ON.moe_experts
+
+
+def test_decoding_state_size_independent_of_tokens_seen(all_on):
+  model, params, apply = all_on
+  s = model.init_state(1)
+  size0 = M.state_bytes(s)
+  shapes0 = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), s)
+  for T in (3, 50, 400):
+    _, s, _ = apply(params, _tokens(1, T), s, None)
+    assert M.state_bytes(s) == size0
+    assert jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), s) == shapes0
+  assert int(s["pos"][0, 0]) == 453
+
+
+def test_remat_and_unscanned_layers_give_the_same_function():
+  cfg = ALL_ON.replace(dropout=0.0)
+  base = M.MMRec(cfg)
+  params = nn.unbox(M.init_params(base, jax.random.key(0)))
+  toks = _tokens(1, 12)
+  run = lambda m, p: jax.jit(lambda p: m.apply({"params": p}, toks)[0])(p)
+  ref = run(base, params)
+  lo = run(M.MMRec(cfg.replace(remat="full")), params)
+  np.testing.assert_allclose(lo, ref, atol=1e-5)
+  unscanned = {k: v for k, v in params.items() if k != "blocks"}
+  for i in range(cfg.n_layers):
+    unscanned[f"block_{i}"] = jax.tree_util.tree_map(lambda x: x[i], params["blocks"])
+  lo = run(M.MMRec(cfg.replace(scan_layers=False)), unscanned)
+  np.testing.assert_allclose(lo, ref, atol=1e-5)
+
+
+def test_bfloat16_compute_tracks_float32():
+  cfg = ALL_ON.replace(dropout=0.0, use_moe=False)
+  params = nn.unbox(M.init_params(M.MMRec(cfg), jax.random.key(0)))
+  toks = _tokens(1, 24)
+  run = lambda m: jax.jit(lambda p: m.apply({"params": p}, toks)[0])(params)
+  ref = run(M.MMRec(cfg))
+  lo = run(M.MMRec(cfg.replace(dtype="bfloat16")))
+  assert lo.dtype == jnp.float32
+  assert float(jnp.abs(lo - ref).max()) < 0.1 * float(jnp.abs(ref).max())
+
+
+def _total(name):
+  from mmrec_jax import config as config_lib
+  from mmrec_jax.params import count_by_module
+  c = config_lib.load_config_file(f"configs/{name}.py")
+  return count_by_module(c.model)[1]
+
+
+def test_parameter_counts_per_config():
+  tiny = _total("tiny")
+  assert abs(tiny - 1_960_832) / 1_960_832 < 0.05
+  assert 6.5e9 <= _total("7b") <= 7.5e9
+  sizes = [_total(n) for n in ("tiny", "mini", "small", "base", "medium", "large", "7b")]
+  assert sizes == sorted(sizes)
+  # Counting from shapes equals counting a real init.
+  small = M.MMRec(ALL_ON)
+  assert M.count_params(M.param_shapes(small)) == M.count_params(
+      M.init_params(small, jax.random.key(0)))
+
+
+def test_params_command_prints_total_last():
+  out = subprocess.run([sys.executable, "-m", "mmrec_jax.params", "--config=configs/tiny.py"],
+                       capture_output=True, text=True, check=True).stdout.strip().splitlines()
+  assert out[-1] == f"total_params: {_total('tiny')}"
+  assert any(line.strip().startswith("embed") for line in out)
+
+
+def test_flops_per_token_counts_the_head_and_memory():
+  f = M.flops_per_token(ALL_ON)
+  assert f > 2 * ALL_ON.d_model * ALL_ON.vocab_size
+  assert M.flops_per_token(ALL_ON.replace(mem_levels=6)) > f

@@ -379,7 +379,8 @@ class MMRec(nn.Module):
 def init_params(model: MMRec, rng, batch: int = 1, seq_len: int | None = None):
   """Parameters (boxed with logical axis names) from a small dummy batch."""
   T = seq_len or model.cfg.chunk_size
-  return model.init({"params": rng}, jnp.zeros((batch, T), jnp.int32))["params"]
+  init = jax.jit(lambda r: model.init({"params": r}, jnp.zeros((batch, T), jnp.int32))["params"])
+  return init(rng)
 
 
 def param_shapes(model: MMRec):

@@ -254,6 +254,15 @@ class HDSMemory(nn.Module):
     return out_BTD, new_state
 
 
+def log_decay(lam_D, base_BTD, ctx_BTD):
+  """MDI in log space: log sig(lam + base) + log sig(ctx), float32, kept inside
+  [-30, -1e-6] so that the decay exp(log a) is strictly in (0, 1) in float32."""
+  f32 = jnp.float32
+  log_a = (jax.nn.log_sigmoid(lam_D.astype(f32) + base_BTD.astype(f32))
+           + jax.nn.log_sigmoid(ctx_BTD.astype(f32)))
+  return jnp.clip(log_a, -30.0, -1e-6)
+
+
 class Block(nn.Module):
   """One MM-Rec block: fused projection, MDI decay, linear scan, HDS memory, mixer, FFN."""
   cfg: ModelConfig
@@ -281,9 +290,7 @@ class Block(nn.Module):
     ctx_bias = nn.initializers.constant(math.log(0.99 / 0.01))  # sigma(ctx) ~ 0.99 at init
     ctx_BTD = MLP(hid, D, cfg, name="mdi_ctx", out_init_scale=0.1, out_bias_init=ctx_bias)(k_BTD)
     f32 = jnp.float32
-    log_a = (jax.nn.log_sigmoid(lam_D.astype(f32) + base_BTD.astype(f32))
-             + jax.nn.log_sigmoid(ctx_BTD.astype(f32)))
-    log_a = jnp.clip(log_a, -30.0, -1e-6)
+    log_a = log_decay(lam_D, base_BTD, ctx_BTD)
     a_BTD = jnp.exp(log_a)
     b_BTD = -jnp.expm1(log_a) * jax.nn.sigmoid(i_BTD.astype(f32)) * z_BTD.astype(f32)
     h_BTD = linear_scan(a_BTD, b_BTD, state["h"], reset_BT, impl=cfg.scan_impl,

@@ -217,3 +217,13 @@ def test_flops_per_token_counts_the_head_and_memory():
   f = M.flops_per_token(ALL_ON)
   assert f > 2 * ALL_ON.d_model * ALL_ON.vocab_size
   assert M.flops_per_token(ALL_ON.replace(mem_levels=6)) > f
+
+
+def test_decay_strictly_between_zero_and_one():
+  x = jnp.array([-1e4, -50.0, -1.0, 0.0, 1.0, 50.0, 1e4])
+  lam = jnp.zeros((7,))
+  for base in (x, -x):
+    for ctx in (x, -x, jnp.zeros(7)):
+      a = jnp.exp(M.log_decay(lam, base[None, None], ctx[None, None]))
+      assert bool(((a > 0) & (a < 1)).all())
+      assert bool(jnp.isfinite(-jnp.expm1(M.log_decay(lam, base, ctx))).all())

@@ -1,0 +1,83 @@
+"""Train-step throughput: `python -m mmrec_jax.bench.train --config=configs/tiny.py`.
+
+Random tokens at --batch x --seq_len (default 4 x 512); prints compile time, the
+median step time of --steps timed steps, tokens/s and MFU against a matmul peak
+measured in the same run (and against the vendor peak on GPU/TPU).
+"""
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from mmrec_jax import config as config_lib
+from mmrec_jax import metrics as metrics_lib
+from mmrec_jax import sharding as shard_lib
+from mmrec_jax import train
+
+config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file")
+flags.DEFINE_integer("batch", 4, "global batch size")
+flags.DEFINE_integer("seq_len", 512, "tokens per row")
+flags.DEFINE_integer("steps", 5, "timed steps (median reported)")
+FLAGS = flags.FLAGS
+
+
+def random_batch(rng, batch, seq_len, vocab):
+  tokens = rng.integers(0, vocab, size=(batch, seq_len + 1), dtype=np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "reset": np.zeros((batch, seq_len), bool), "mask": np.ones((batch, seq_len), np.float32)}
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  c = FLAGS.config
+  c.train.batch_size, c.train.seq_len = FLAGS.batch, FLAGS.seq_len
+  c.model.max_seq_len = max(c.model.max_seq_len, FLAGS.seq_len)
+  config_lib.validate(c)
+  s = train.setup(c)
+  params, opt_state = train.init_state(s)
+  rng = np.random.default_rng(0)
+  batch = shard_lib.put_batch(random_batch(rng, FLAGS.batch, FLAGS.seq_len, c.model.vocab_size),
+                              s.mesh)
+  t0 = time.perf_counter()
+  compiled = s.train_step.lower(params, opt_state, batch, s.rng, jnp.int32(0)).compile()
+  compile_s = time.perf_counter() - t0
+  params, opt_state, m = compiled(params, opt_state, batch, s.rng, jnp.int32(0))  # warm-up
+  jax.block_until_ready(m)
+  times = []
+  for i in range(FLAGS.steps):
+    t = time.perf_counter()
+    params, opt_state, m = compiled(params, opt_state, batch, s.rng, jnp.int32(i + 1))
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  step_s = statistics.median(times)
+  tokens_s = FLAGS.batch * FLAGS.seq_len / step_s
+  flops_tok = 3 * train._flops(s, FLAGS.seq_len)  # pylint: disable=protected-access
+  dev = s.mesh.devices.flat[0]
+  n_dev = s.mesh.devices.size
+  big = dev.platform != "cpu"
+  measured = metrics_lib.measured_matmul_peak(
+      n=4096 if big else 1024, device=dev,
+      dtype=jnp.bfloat16 if big and c.model.dtype == "bfloat16" else jnp.float32)
+  print(f"device: {n_dev} x {dev.device_kind} ({dev.platform}), model {c.model.name}, "
+        f"batch {FLAGS.batch} x {FLAGS.seq_len}, loss {float(m['loss']):.4f}")
+  print(f"compile: {compile_s:.2f}s")
+  print(f"step: median {step_s * 1e3:.1f} ms over {FLAGS.steps} steps "
+        f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})")
+  print(f"throughput: {tokens_s:,.0f} tokens/s, {flops_tok / 1e6:.2f} MFLOP/token (train)")
+  print(f"MFU: {100 * metrics_lib.mfu(tokens_s, flops_tok, measured * n_dev):.2f}% of a measured "
+        f"matmul peak of {measured / 1e9:,.1f} GFLOP/s per device")
+  if big:
+    vendor = metrics_lib.peak_flops_per_device(dev)
+    print(f"MFU: {100 * metrics_lib.mfu(tokens_s, flops_tok, vendor * n_dev):.2f}% of the "
+          f"vendor peak of {vendor / 1e12:,.0f} TFLOP/s per device")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,174 @@
+"""Training telemetry: tqdm bar, TensorBoard, metrics.jsonl, loss.png, peak FLOP/s and MFU.
+
+Only process 0 writes or prints; other processes get no-op writers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bf16 peak FLOP/s per device by device_kind substring (vendor figures).
+VENDOR_PEAK_FLOPS = (
+    ("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("A100", 312e12),
+    ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("V100", 125e12),
+    ("B200", 2250e12), ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12), ("TPU v5", 459e12), ("TPU v4", 275e12), ("TPU v3", 123e12),
+    ("TPU v2", 45e12),
+)
+_PEAK_CACHE = {}
+
+
+def measured_matmul_peak(n=1024, reps=5, device=None, dtype=jnp.float32):
+  """FLOP/s of a jitted n x n matmul on one device (best of `reps`); cached."""
+  device = device or jax.devices()[0]
+  key = (device.platform, device.device_kind, n, jnp.dtype(dtype).name)
+  if key not in _PEAK_CACHE:
+    a = jax.device_put(jnp.ones((n, n), dtype), device)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = math.inf
+    for _ in range(reps):
+      t = time.perf_counter()
+      f(a).block_until_ready()
+      best = min(best, time.perf_counter() - t)
+    _PEAK_CACHE[key] = 2 * n ** 3 / best
+  return _PEAK_CACHE[key]
+
+
+def peak_flops_per_device(device=None):
+  """Vendor bf16 peak on GPU/TPU (by device_kind), a measured matmul peak on CPU."""
+  device = device or jax.devices()[0]
+  if device.platform != "cpu":
+    kind = device.device_kind
+    for name, flops in VENDOR_PEAK_FLOPS:
+      if name.lower() in kind.lower():
+        return flops
+  return measured_matmul_peak(device=device)
+
+
+def format_eta(seconds):
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Writer:
+  """metrics.jsonl + TensorBoard (tensorboardX) + in-memory history for loss.png."""
+
+  def __init__(self, workdir, enabled=True):
+    self.enabled = enabled and jax.process_index() == 0
+    self.workdir = workdir
+    self.history = {"train": [], "val": []}
+    self._tb = None
+    self._jsonl = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      except Exception:  # pylint: disable=broad-except
+        self._tb = None
+      self._load_history()
+
+  def _load_history(self):
+    path = os.path.join(self.workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+      return
+    with open(path) as f:
+      for line in f:
+        try:
+          rec = json.loads(line)
+        except ValueError:
+          continue
+        if rec.get("split") in self.history and "loss" in rec:
+          self.history[rec["split"]].append((rec["step"], rec["loss"]))
+
+  def write(self, step, split, scalars):
+    """Logs a dict of scalars for `split` ('train' | 'val') at `step`."""
+    if not self.enabled:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    if "loss" in scalars:
+      # On resume, drop history entries past this step (they were redone).
+      hist = self.history[split]
+      while hist and hist[-1][0] >= step:
+        hist.pop()
+      hist.append((step, scalars["loss"]))
+    self._jsonl.write(json.dumps({"step": int(step), "split": split, **scalars}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(f"{split}/{k}", v, step)
+
+  def plot(self):
+    """Writes workdir/loss.png with the train and val curves."""
+    if not self.enabled or not self.history["train"]:
+      return
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split, style in (("train", "-"), ("val", "o-")):
+      if self.history[split]:
+        xs, ys = zip(*self.history[split])
+        ax.plot(xs, ys, style, label=split, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(self.workdir, "loss.png"), dpi=100)
+    plt.close(fig)
+
+  def close(self):
+    if self._jsonl:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Progress:
+  """tqdm bar with loss, lr, tokens/s, MFU and ETA (process 0 only)."""
+
+  def __init__(self, start, total, enabled=True):
+    self.enabled = enabled and jax.process_index() == 0
+    self.bar = None
+    if self.enabled:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, unit="step",
+                      bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+
+  def update(self, step, postfix):
+    if self.bar is not None:
+      self.bar.n = step
+      self.bar.set_postfix_str(postfix, refresh=False)
+      self.bar.refresh()
+
+  def write(self, msg):
+    if self.enabled:
+      if self.bar is not None:
+        self.bar.write(msg)
+      else:
+        print(msg, flush=True)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+
+
+def mfu(tokens_per_s, flops_per_token_train, peak_total):
+  return tokens_per_s * flops_per_token_train / max(peak_total, 1.0)
+
+
+def finite(x):
+  return bool(np.all(np.isfinite(np.asarray(x))))

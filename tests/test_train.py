@@ -1,0 +1,286 @@
+"""Training job: end-to-end runs, exact resume, signals, NaN, sharding, early stopping, CLI."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mmrec_jax import checkpoint as ckpt_lib
+from mmrec_jax import config as config_lib
+from mmrec_jax import optimizer as opt_lib
+from mmrec_jax import sharding as shard_lib
+from mmrec_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py")
+WORDS = ("the quick brown fox jumps over a lazy dog while birds sing in tall trees and "
+         "every cat sat on the mat then ran away from the rain at night").split()
+
+# Small-model overrides shared by in-process configs and CLI runs.
+OVERRIDES = {
+    "model.vocab_size": 300, "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2,
+    "model.chunk_size": 16, "model.mem_slots": 4, "model.mem_levels": 2,
+    "train.seq_len": 32, "train.batch_size": 4, "train.steps": 12, "train.warmup_steps": 2,
+    "train.eval_every": 4, "train.eval_batches": 2, "train.log_every": 1, "train.samples": 0,
+    "checkpoint.every": 4, "checkpoint.keep": 2, "data.val_fraction": 0.1,
+    "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1,
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """A persistent XLA cache shared by in-process runs and subprocesses (same shapes)."""
+  path = str(tmp_path_factory.getbasetemp() / "jax_cache")
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  yield path
+  jax.config.update("jax_compilation_cache_dir", None)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+  d = tmp_path_factory.mktemp("corpus")
+  rnd = random.Random(0)
+  for i in range(24):
+    lines = (" ".join(rnd.choice(WORDS) for _ in range(12)) + "." for _ in range(50))
+    (d / f"doc{i}.txt").write_text("\n".join(lines) + "\n")
+  return str(d)
+
+
+def make_config(corpus, **kw):
+  c = config_lib.load_config_file(TINY)
+  for k, v in {**OVERRIDES, "data.path": corpus, **kw}.items():
+    sec, name = k.split(".")
+    c[sec][name] = v
+  return config_lib.validate(c)
+
+
+def cli_args(corpus, workdir=None, **kw):
+  args = [f"--config={TINY}"] + ([f"--workdir={workdir}"] if workdir else [])
+  return args + [f"--config.{k}={v}" for k, v in {**OVERRIDES, "data.path": corpus,
+                                                    **kw}.items()]
+
+
+def one_device_env(**extra):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", **extra)
+  env.pop("XLA_FLAGS", None)  # subprocesses: a single CPU device (fast)
+  return env
+
+
+def launch(args, cwd=REPO, **env):
+  return subprocess.Popen([sys.executable, "-m", "mmrec_jax.train", *args], cwd=cwd,
+                          env=one_device_env(**env), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def train_steps_logged(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    recs = [json.loads(l) for l in f if l.strip()]
+  return max([r["step"] for r in recs if r["split"] == "train"], default=0)
+
+
+def wait_for_step(proc, workdir, step, timeout=180):
+  t0 = time.time()
+  while train_steps_logged(workdir) < step:
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    assert time.time() - t0 < timeout, "run did not reach the step in time"
+    time.sleep(0.05)
+
+
+def assert_trees_close(a, b, atol=1e-6):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+  """An uninterrupted 12-step in-process run on one device: (workdir, config, Result)."""
+  os.environ["MMREC_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "token_cache")
+  workdir = str(tmp_path_factory.mktemp("ref") / "run")
+  config = make_config(corpus)
+  result = train.run(config, workdir, devices=jax.devices()[:1], quiet=True)
+  return workdir, config, result
+
+
+def test_end_to_end_loss_goes_down(reference):
+  workdir, config, result = reference
+  assert result.step == 12 and result.reason == "done"
+  losses = [l for _, l in result.train_losses]
+  assert len(losses) == 12 and np.all(np.isfinite(losses))
+  assert np.mean(losses[-3:]) < losses[0] - 0.5, losses
+  for name in ("config.json", "tokenizer.json", "metrics.jsonl", "loss.png"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert [s for s, _ in result.val_losses] == [4, 8, 12]
+  recs = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  val = [r for r in recs if r["split"] == "val"]
+  assert {"loss", "perplexity", "bpb", "accuracy"} <= set(val[-1])
+  assert val[-1]["bpb"] > 0 and 0 <= val[-1]["accuracy"] <= 1
+  params, step = ckpt_lib.restore_params(workdir, "latest")
+  assert step == 12
+  assert_trees_close(params, result.params, atol=0)
+  best_params, best_step = ckpt_lib.restore_params(workdir, "best")
+  best_val = min(result.val_losses, key=lambda x: x[1])[0]
+  assert best_step == best_val
+  assert ckpt_lib.load_run_config(workdir).to_dict() == config.to_dict()
+  del best_params
+
+
+def test_same_seed_same_numbers_and_resume_of_finished_run(reference, tmp_path):
+  workdir, config, result = reference
+  again = train.run(config, str(tmp_path / "run"), devices=jax.devices()[:1], quiet=True)
+  assert again.train_losses == result.train_losses
+  # Rerunning a finished workdir resumes at the last step and trains nothing more.
+  done = train.run(config, workdir, devices=jax.devices()[:1], quiet=True)
+  assert done.step == 12 and done.train_losses == []
+
+
+def test_hard_kill_then_rerun_equals_uninterrupted(reference, corpus, tmp_path):
+  _, _, result = reference
+  workdir = str(tmp_path / "run")
+  args = cli_args(corpus, workdir)
+  proc = launch(args, MMREC_DEBUG_STEP_SLEEP="0.3")
+  wait_for_step(proc, workdir, 6)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert train_steps_logged(workdir) < 12
+  proc = launch(args)
+  out = proc.communicate(timeout=240)[0]
+  assert proc.returncode == 0, out[-3000:]
+  assert "resumed from" in out
+  params, step = ckpt_lib.restore_params(workdir, "latest")
+  assert step == 12
+  assert_trees_close(params, result.params, atol=1e-6)
+
+
+def test_sigterm_saves_and_prints_resume_command(corpus, tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = launch(cli_args(corpus, workdir, **{"train.steps": 500}), MMREC_DEBUG_STEP_SLEEP="0.2")
+  wait_for_step(proc, workdir, 3)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 0, out[-3000:]
+  assert "Resume with" in out and "python -m mmrec_jax.train" in out
+  assert f"--workdir={workdir}" in out
+  _, step = ckpt_lib.restore_params(workdir, "latest")
+  assert 3 <= step < 500
+  assert step == train_steps_logged(workdir)
+
+
+def test_model_config_mismatch_on_resume_is_an_error(reference, corpus):
+  workdir, config, _ = reference
+  other = make_config(corpus, **{"model.d_model": 48})
+  with pytest.raises(config_lib.ConfigError, match=r"model\.d_model.*--workdir"):
+    train.run(other, workdir, devices=jax.devices()[:1], quiet=True)
+  proc = launch(cli_args(corpus, workdir, **{"model.n_layers": 3}))
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 2, out[-3000:]
+  err = [l for l in out.splitlines() if l.startswith("error:")]
+  assert len(err) == 1 and "model.n_layers" in err[0], out[-3000:]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
+  workdir = str(tmp_path / "run")
+  config = make_config(corpus, **{"train.lr": 1e30, "train.steps": 10,
+                                  "checkpoint.every": 1, "train.eval_every": 100})
+  with pytest.raises(train.TrainError, match=r"at step \d+"):
+    train.run(config, workdir, devices=jax.devices()[:1], quiet=True)
+  mngr = ckpt_lib.make_manager(workdir, read_only=True)
+  steps = mngr.all_steps()
+  mngr.close()
+  assert steps and max(steps) < 10
+  params, _ = ckpt_lib.restore_params(workdir, "latest")
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 host devices (tests/conftest.py)")
+def test_sharded_loss_equals_single_device(corpus, tmp_path):
+  kw = {"train.steps": 4, "train.eval_every": 4, "checkpoint.every": 4}
+  one = train.run(make_config(corpus, **kw), str(tmp_path / "one"),
+                  devices=jax.devices()[:1], quiet=True)
+  mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+  eight = train.run(make_config(corpus, **kw, **mesh), str(tmp_path / "eight"),
+                    devices=jax.devices()[:8], quiet=True)
+  a = np.array([l for _, l in one.train_losses])
+  b = np.array([l for _, l in eight.train_losses])
+  assert len(a) == 4
+  np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+  # Gradient accumulation gives the same updates as the full batch.
+  acc = train.run(make_config(corpus, **kw, **{"train.grad_accum": 2}), str(tmp_path / "acc"),
+                  devices=jax.devices()[:1], quiet=True)
+  np.testing.assert_allclose(a, [l for _, l in acc.train_losses], atol=1e-5, rtol=0)
+
+
+def test_early_stopping(corpus, tmp_path):
+  config = make_config(corpus, **{"train.steps": 40, "train.eval_every": 2,
+                                  "train.early_stopping_patience": 2,
+                                  "train.early_stopping_min_delta": 100.0})
+  res = train.run(config, str(tmp_path / "run"), devices=jax.devices()[:1], quiet=True)
+  assert res.reason == "early_stop" and res.step == 6
+  assert [s for s, _ in res.val_losses] == [2, 4, 6]
+  again = train.run(config, str(tmp_path / "run"), devices=jax.devices()[:1], quiet=True)
+  assert again.reason == "early_stop" and again.step == 6 and again.train_losses == []
+
+
+def test_readme_command(corpus, tmp_path):
+  """`python -m mmrec_jax.train --config=configs/tiny.py` (default workdir runs/tiny)."""
+  args = [f"--config={TINY}", f"--config.data.path={corpus}", "--config.model.vocab_size=300",
+          "--config.train.steps=3", "--config.train.seq_len=64", "--config.train.eval_every=3",
+          "--config.train.eval_batches=1", "--config.train.samples=2",
+          "--config.train.sample_tokens=4", "--config.data.val_fraction=0.1"]
+  proc = launch(args, cwd=str(tmp_path))
+  out = proc.communicate(timeout=240)[0]
+  assert proc.returncode == 0, out[-3000:]
+  assert "finished at step 3" in out and out.count("--- ") == 2, out[-3000:]
+  _, step = ckpt_lib.restore_params(str(tmp_path / "runs" / "tiny"), "latest")
+  assert step == 3
+
+
+def test_bad_config_is_one_line_error(tmp_path):
+  proc = launch([f"--config={TINY}", "--config.train.batch_size=5",
+                 "--config.train.grad_accum=2"], cwd=str(tmp_path))
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 2
+  assert out.strip().splitlines()[-1].startswith("error: train.batch_size=5")
+
+
+def test_decay_mask_and_shardings():
+  from flax import linen as nn
+  box = lambda shape, names: nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, np.float32),
+                                                     names)
+  tree = {"embed": box((300, 32), ("vocab", "embed")),
+          "blocks": {"norm": {"scale": box((2, 32), ("layers", "embed"))},
+                     "mlp": {"dense": {"kernel": box((2, 32, 128), ("layers", "embed", "mlp")),
+                                       "bias": box((2, 128), ("layers", "mlp"))}},
+                     "gate_decay": {"w": box((2, 32, 32), ("layers", "embed", "kv"))},
+                     "lam": box((2, 32), ("layers", "embed")),
+                     "mem": {"kernel": box((2, 30, 30), ("layers", "kv", "kv"))}}}
+  mask = opt_lib.decay_mask(tree)
+  assert mask["embed"] and mask["blocks"]["mlp"]["dense"]["kernel"]
+  assert not mask["blocks"]["norm"]["scale"] and not mask["blocks"]["mlp"]["dense"]["bias"]
+  assert not mask["blocks"]["gate_decay"]["w"] and not mask["blocks"]["lam"]
+  mesh = shard_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": -1}, jax.devices()[:1])
+  sh = shard_lib.logical_shardings(tree, mesh)
+  assert sh["embed"].spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  assert sh["blocks"]["mem"]["kernel"].spec == jax.sharding.PartitionSpec(None, "tensor", None)
+  if jax.device_count() >= 8:
+    mesh8 = shard_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
+    sh8 = shard_lib.logical_shardings(tree, mesh8)   # 30 is not divisible by... it is (2)
+    assert sh8["embed"].spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    odd = shard_lib.logical_shardings({"x": box((3, 32), ("vocab", "embed"))}, mesh8)
+    assert odd["x"].spec == jax.sharding.PartitionSpec(None, "fsdp")
+  with pytest.raises(ValueError, match="devices"):
+    shard_lib.make_mesh({"data": 3, "fsdp": 1, "tensor": 1}, jax.devices()[:1])

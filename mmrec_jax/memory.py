@@ -117,6 +117,7 @@ def run_writes(mem0, summ_KD, valid_K, clear_K):
     mem = jax.tree_util.tree_map(lambda n, m: jnp.where(ok, n, m), new, mem)
     return mem, mem
 
+  K = summ_KD.shape[0]
   final, snaps = jax.lax.scan(step, mem0, (summ_KD, valid_K, clear_K))
   snaps = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), mem0, snaps)
   return snaps, final

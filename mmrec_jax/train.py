@@ -46,10 +46,33 @@ class Result:
 # ----------------------------------------------------------------------------- loss
 
 
+@jax.custom_vjp
+def token_nll(logits_BTV, targets_BT):
+  """-log softmax(logits)[target], float32. The backward pass is the fused
+  `softmax - one_hot` (no scatter into a [B, T, V] buffer)."""
+  return _token_nll_fwd(logits_BTV, targets_BT)[0]
+
+
+def _token_nll_fwd(logits_BTV, targets_BT):
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  return lse_BT - picked_BT, (logits_BTV, lse_BT, targets_BT)
+
+
+def _token_nll_bwd(res, g_BT):
+  logits_BTV, lse_BT, targets_BT = res
+  onehot = targets_BT[..., None] == jnp.arange(logits_BTV.shape[-1], dtype=targets_BT.dtype)
+  d_BTV = (jnp.exp(logits_BTV - lse_BT[..., None]) - onehot) * g_BT[..., None]
+  return d_BTV, None
+
+
+token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
 def cross_entropy(logits_BTV, targets_BT, mask_BT):
   """(sum of masked nats, number of real targets, correct predictions); no shift."""
-  logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-  nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  nll_BT = token_nll(logits_BTV, targets_BT)
   mask_BT = mask_BT.astype(jnp.float32)
   correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
   return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT), jnp.sum(correct_BT * mask_BT)
@@ -215,29 +238,13 @@ def evaluate(s, params, val_batches):
 
 
 def sample(s, params, tok, prompts_BT, n_new, seed=0, temperature=0.8):
-  """Prefills the prompts, then feeds one sampled token at a time through `state=`."""
-  model = s.model
-
-  @jax.jit
-  def prefill(p, x_BT):
-    logits, st, _ = model.apply({"params": p}, x_BT, state=None, deterministic=True)
-    return logits[:, -1], st
-
-  @jax.jit
-  def step(p, x_B1, st):
-    logits, st, _ = model.apply({"params": p}, x_B1, state=st, deterministic=True)
-    return logits[:, -1], st
-
-  key = jax.random.PRNGKey(seed)
-  logits, st = prefill(params, jnp.asarray(prompts_BT))
-  out = []
-  for i in range(n_new):
-    nxt = jax.random.categorical(jax.random.fold_in(key, i), logits / temperature)
-    out.append(np.asarray(nxt))
-    logits, st = step(params, nxt[:, None].astype(jnp.int32), st)
-  new_BN = np.stack(out, axis=1)
-  return [(tok.decode(list(map(int, p))), tok.decode(list(map(int, n))))
-          for p, n in zip(prompts_BT, new_BN)]
+  """(prompt text, sampled continuation) per prompt row, via `sampling.Decoder`."""
+  from mmrec_jax import sampling  # pylint: disable=g-import-not-at-top
+  eod, pad = tok.token_to_id("<|eod|>"), tok.token_to_id("<|pad|>")
+  prompts = [[int(x) for x in p if int(x) not in (eod, pad)] for p in prompts_BT]
+  new = sampling.Decoder(s.model, eod, pad).generate(
+      {"params": params}, prompts, n_new, temperature=temperature, seed=seed)
+  return [(tok.decode(p), tok.decode(n)) for p, n in zip(prompts, new)]
 
 
 # ----------------------------------------------------------------------------- run

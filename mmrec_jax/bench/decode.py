@@ -1,0 +1,149 @@
+"""Decode benchmark: `python -m mmrec_jax.bench.decode [--configs=tiny,small]`.
+
+For each config (random init: speed and memory do not depend on the weights)
+prints decode tokens/s at batch 1 and 16 (jitted while loop, top-k/top-p
+sampling), prefill tokens/s, and, at contexts of 1K, 8K and 64K tokens, the
+decode state's size and the peak RSS of a fresh process that prefilled that
+many tokens (in pieces, state carried), beside the KV cache a Transformer of
+the same width and depth would need: 2 * n_layers * T * d_model * bytes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import app
+from absl import flags
+
+flags.DEFINE_list("configs", ["tiny", "small"], "Config names under configs/.")
+flags.DEFINE_list("contexts", ["1024", "8192", "65536"], "Context lengths (tokens).")
+flags.DEFINE_integer("decode_tokens", 64, "Tokens per timed decode run.")
+flags.DEFINE_integer("prefill_tokens", 2048, "Prompt length of the timed prefill.")
+flags.DEFINE_integer("piece", 4096, "Prefill piece length for long contexts.")
+flags.DEFINE_string("child", None, "internal: NAME:CONTEXT, measure one context and exit.")
+FLAGS = flags.FLAGS
+_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+
+
+def _setup(name):
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from mmrec_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from mmrec_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.load_config_file(os.path.join(_CONFIG_DIR, f"{name}.py"))
+  mcfg = model_lib.ModelConfig.from_config(c.model)
+  model = model_lib.MMRec(mcfg)
+  params = jax.jit(lambda k: nn.unbox(model_lib.init_params(model, k)))(jax.random.key(0))
+  return model, {"params": params}
+
+
+def _maxrss_bytes():
+  r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return r if sys.platform == "darwin" else r * 1024
+
+
+def _prefill_fn(model):
+  import jax  # pylint: disable=g-import-not-at-top
+  # Only the state is returned: XLA drops the unused vocabulary projection.
+  return jax.jit(lambda v, x_BT, st: model.apply(v, x_BT, state=st)[1])
+
+
+def measure_context(name, context, piece):
+  """{'state_bytes', 'maxrss'} after prefilling `context` tokens in pieces."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mmrec_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  model, variables = _setup(name)
+  fn = _prefill_fn(model)
+  piece = min(piece, context)
+  state = model.init_state(1)
+  rng = jax.random.key(1)
+  jax.block_until_ready(fn(variables, jnp.zeros((1, piece), jnp.int32), state))  # compile
+  t0 = time.perf_counter()
+  for i in range(-(-context // piece)):
+    x = jax.random.randint(jax.random.fold_in(rng, i), (1, piece), 2, model.cfg.vocab_size)
+    state = fn(variables, x.astype(jnp.int32), state)
+  jax.block_until_ready(state)
+  return {"state_bytes": model_lib.state_bytes(state), "maxrss": _maxrss_bytes(),
+          "seconds": time.perf_counter() - t0}
+
+
+def measure_speed(name, decode_tokens, prefill_tokens):
+  """Decode tokens/s at batch 1 and 16, prefill tokens/s (best of 3, after compiling)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mmrec_jax import sampling  # pylint: disable=g-import-not-at-top
+  model, variables = _setup(name)
+  dec = sampling.Decoder(model, eod_id=-1)  # never stops early on random weights
+  settings = (0.8, 40, 0.95)
+  out = {}
+
+  def best(f):
+    jax.block_until_ready(f())
+    ts = []
+    for _ in range(3):
+      t = time.perf_counter()
+      jax.block_until_ready(f())
+      ts.append(time.perf_counter() - t)
+    return min(ts)
+
+  for b in (1, 16):
+    logits = jnp.zeros((b, model.cfg.vocab_size), jnp.float32)
+    st = model.init_state(b)
+    s = best(lambda: dec.loop(variables, jax.random.key(0), logits, st, settings=settings,
+                              n_new=decode_tokens))
+    out[f"decode_b{b}"] = b * decode_tokens / s
+  # The prefill of generation: one parallel apply, last position's logits.
+  x = jnp.full((1, prefill_tokens), 2, jnp.int32)
+  reset = jnp.zeros((1, prefill_tokens), bool)
+  out["prefill"] = prefill_tokens / best(lambda: dec.prefill(variables, x, reset))
+  return out
+
+
+def _fmt_bytes(n):
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if n < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+
+
+def main(argv):
+  del argv
+  if FLAGS.child:
+    name, ctx = FLAGS.child.split(":")
+    print(json.dumps(measure_context(name, int(ctx), FLAGS.piece)))
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  from mmrec_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), random init, float32")
+  for name in FLAGS.configs:
+    model, _ = _setup(name)
+    c = model.cfg
+    sp = measure_speed(name, FLAGS.decode_tokens, FLAGS.prefill_tokens)
+    print(f"\n{name}: d_model={c.d_model} n_layers={c.n_layers} vocab={c.vocab_size} "
+          f"params={model_lib.count_params(model_lib.param_shapes(model)):,}")
+    print(f"  decode  batch 1: {sp['decode_b1']:10,.0f} tok/s   batch 16: "
+          f"{sp['decode_b16']:10,.0f} tok/s   prefill ({FLAGS.prefill_tokens} tokens): "
+          f"{sp['prefill']:10,.0f} tok/s")
+    print(f"  {'context':>8}  {'MM-Rec state':>12}  {'peak RSS':>10}  {'prefill s':>9}  "
+          f"{'Transformer KV cache':>20}")
+    for ctx in map(int, FLAGS.contexts):
+      cmd = [sys.executable, "-m", "mmrec_jax.bench.decode", f"--child={name}:{ctx}",
+             f"--piece={FLAGS.piece}"]
+      res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+      if res.returncode:
+        print(f"  {ctx:>8}  failed: {res.stderr.strip().splitlines()[-1:]}")
+        continue
+      m = json.loads(res.stdout.strip().splitlines()[-1])
+      kv = 2 * c.n_layers * ctx * c.d_model * np.dtype(c.compute_dtype).itemsize
+      print(f"  {ctx:>8}  {_fmt_bytes(m['state_bytes']):>12}  {_fmt_bytes(m['maxrss']):>10}  "
+            f"{m['seconds']:>9.1f}  {_fmt_bytes(kv):>20}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

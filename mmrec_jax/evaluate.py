@@ -1,0 +1,239 @@
+"""Evaluation: loss, perplexity, bits per byte, token accuracy; loss by position.
+
+    python -m mmrec_jax.evaluate --workdir=runs/tiny [--data=PATH] [--json]
+    python -m mmrec_jax.evaluate --workdir=runs/tiny --long_context=4
+
+Data: the run's validation split, or any file / directory / glob the data
+pipeline reads (`--data`), cut into windows of `train.seq_len` (+1) tokens
+that each start from a fresh state (as validation during training).
+
+`--long_context=K` also measures the loss at every position of windows of
+K * train.seq_len tokens that start at a document start (the longest
+documents first), streamed through the model in pieces of train.seq_len with
+the state carried. It writes `loss_by_position.tsv` and `.png` (in the
+workdir or `--out`): a flat or falling curve past train.seq_len means the
+model extrapolates and uses the longer context.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+from mmrec_jax.loading import UsageError
+
+TABLE = "loss_by_position.tsv"
+PLOT = "loss_by_position.png"
+
+
+def eval_tokens(config, tok, data_path=None):
+  """Token ids (each document preceded by `<|eod|>`) of `data_path` or the val split."""
+  from mmrec_jax import data  # pylint: disable=g-import-not-at-top
+  text_field = config.data.text_field if "data" in config else "text"
+  if data_path:
+    parts = list(data.encode_documents(data.read_documents(data_path, text_field), tok))
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+  if "data" not in config:
+    raise UsageError("this folder has no data config (an export?); pass --data=PATH")
+  if not (config.data.val_path or config.data.val_fraction > 0):
+    raise UsageError("the run has no validation split (data.val_fraction=0, no data.val_path); "
+                     "pass --data=PATH")
+  return data.cached_tokens(config.data, "val", tok)
+
+
+def make_batches(tokens, tok, seq_len, batch_size=8, max_batches=None):
+  """Validation batches (with 'bytes'); UsageError if `tokens` fill no window."""
+  from mmrec_jax import data  # pylint: disable=g-import-not-at-top
+  from mmrec_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  if len(tokens) < seq_len + 1:
+    raise UsageError(f"the evaluation data has {len(tokens)} tokens, fewer than one window of "
+                     f"seq_len+1={seq_len + 1}; use more text or a smaller --seq_len")
+  return data.eval_batches(
+      tokens, seq_len, batch_size, eod_id=tok.token_to_id(tok_lib.EOD),
+      pad_id=tok.token_to_id(tok_lib.PAD), bytes_per_token=tok_lib.bytes_per_token(tok),
+      max_batches=max_batches)
+
+
+def _nll(logits_BTV, targets_BT):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+  nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
+  return nll_BT, correct_BT
+
+
+def evaluate(model, variables, batches):
+  """{'loss', 'perplexity', 'bits_per_byte', 'token_accuracy', 'tokens'} over `batches`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def step(variables, inputs_BT, targets_BT, reset_BT, mask_BT):
+    logits_BTV, _, _ = model.apply(variables, inputs_BT, reset=reset_BT)
+    nll_BT, correct_BT = _nll(logits_BTV, targets_BT)
+    return jnp.sum(nll_BT * mask_BT), jnp.sum(correct_BT * mask_BT)
+
+  nll = correct = n = n_bytes = 0.0
+  for b in batches:
+    mask = np.asarray(b["mask"], np.float32)
+    s, c = step(variables, b["inputs"], b["targets"], b["reset"], mask)
+    nll, correct = nll + float(s), correct + float(c)
+    n += float(mask.sum())
+    n_bytes += float(np.sum(np.asarray(b["bytes"]) * (mask > 0)))
+  loss = nll / max(n, 1.0)
+  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+          "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else float("nan"),
+          "token_accuracy": correct / max(n, 1.0), "tokens": int(n)}
+
+
+def long_windows(tokens, eod_id, pad_id, length, max_docs=64):
+  """Document-aligned windows: inputs, targets int32 [N, length], mask float32 [N, length].
+
+  Window i holds the first `length` (+1) tokens of one of the `max_docs`
+  longest documents (from its `<|eod|>`); the rest is padding with mask 0.
+  """
+  tokens = np.asarray(tokens)
+  starts = np.flatnonzero(tokens == eod_id)
+  ends = np.append(starts[1:], len(tokens))
+  order = np.argsort(-(ends - starts), kind="stable")[:max_docs]
+  n = len(order)
+  win = np.full((n, length + 1), pad_id, np.int32)
+  mask = np.zeros((n, length), np.float32)
+  for i, d in enumerate(order):
+    seg = tokens[starts[d]:min(ends[d], starts[d] + length + 1)]
+    win[i, :len(seg)] = seg
+    mask[i, :len(seg) - 1] = 1.0
+  return win[:, :-1], win[:, 1:], mask
+
+
+def loss_by_position(model, variables, tokens, eod_id, pad_id, seq_len, multiple,
+                     batch_size=8, max_docs=64):
+  """(nll sum, count) float64 [multiple * seq_len] by position in the document.
+
+  Windows are streamed in pieces of `seq_len` with the state carried (one
+  compiled step), so the model sees `multiple` times its training length.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  length = multiple * seq_len
+  inputs, targets, mask = long_windows(tokens, eod_id, pad_id, length, max_docs)
+  if not len(inputs) or mask.sum() == 0:
+    raise UsageError("the evaluation data has no document to measure loss by position on")
+
+  @jax.jit
+  def piece(variables, inputs_BT, targets_BT, state):
+    logits_BTV, state, _ = model.apply(variables, inputs_BT, state=state,
+                                       reset=inputs_BT == eod_id)
+    return _nll(logits_BTV, targets_BT)[0], state
+
+  sums, counts = np.zeros(length), np.zeros(length)
+  for b0 in range(0, len(inputs), batch_size):
+    sl = slice(b0, b0 + batch_size)
+    x, y, m = inputs[sl], targets[sl], mask[sl]
+    if len(x) < batch_size:  # pad the batch (one compile)
+      fill = batch_size - len(x)
+      x = np.concatenate([x, np.full((fill, length), pad_id, np.int32)])
+      y = np.concatenate([y, np.full((fill, length), pad_id, np.int32)])
+      m = np.concatenate([m, np.zeros((fill, length), np.float32)])
+    state = model.init_state(batch_size)
+    for k in range(multiple):
+      p = slice(k * seq_len, (k + 1) * seq_len)
+      nll_BT, state = piece(variables, x[:, p], y[:, p], state)
+      sums[p] += np.sum(np.asarray(nll_BT, np.float64) * m[:, p], axis=0)
+      counts[p] += m[:, p].sum(axis=0)
+  return sums, counts
+
+
+def bucket_table(sums, counts, bucket):
+  """Rows (start, end, tokens, loss) per bucket of positions with any tokens."""
+  rows = []
+  for s in range(0, len(sums), bucket):
+    n = counts[s:s + bucket].sum()
+    if n:
+      rows.append((s, min(s + bucket, len(sums)), int(n), float(sums[s:s + bucket].sum() / n)))
+  return rows
+
+
+def write_loss_by_position(out_dir, rows, seq_len):
+  """Writes TABLE and PLOT into `out_dir`; returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  tsv, png = os.path.join(out_dir, TABLE), os.path.join(out_dir, PLOT)
+  with open(tsv + ".tmp", "w") as f:
+    f.write("position_start\tposition_end\ttokens\tloss\n")
+    for r in rows:
+      f.write(f"{r[0]}\t{r[1]}\t{r[2]}\t{r[3]:.6f}\n")
+  os.replace(tsv + ".tmp", tsv)
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.plot([(r[0] + r[1]) / 2 for r in rows], [r[3] for r in rows], marker=".")
+  ax.axvline(seq_len, color="gray", linestyle="--", label=f"train.seq_len={seq_len}")
+  ax.set_xlabel("position in document (tokens)")
+  ax.set_ylabel("loss (nats / token)")
+  ax.set_title("Loss by position")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(png, dpi=100)
+  plt.close(fig)
+  return tsv, png
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from mmrec_jax import loading as load_lib  # pylint: disable=g-import-not-at-top
+  from mmrec_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  with load_lib.cli_errors():
+    for name in ("batch_size", "long_context", "max_docs"):
+      if f[name].value < (1 if name != "long_context" else 0):
+        raise UsageError(f"--{name}={f[name].value} is out of range")
+    if f.seq_len is not None and f.seq_len < 1:
+      raise UsageError(f"--seq_len={f.seq_len} must be positive")
+    model, variables, tok, config = load_lib.load(f.workdir, f.checkpoint)
+    seq_len = f.seq_len or config.train.seq_len
+    tokens = eval_tokens(config, tok, f.data)
+    batches = make_batches(tokens, tok, seq_len, f.batch_size, f.max_batches)
+    res = evaluate(model, variables, batches)
+    print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.2f}  bits/byte "
+          f"{res['bits_per_byte']:.4f}  token accuracy {res['token_accuracy']:.4f}  "
+          f"({res['tokens']:,} tokens, seq_len {seq_len})")
+    if f.long_context:
+      sums, counts = loss_by_position(
+          model, variables, tokens, tok.token_to_id(tok_lib.EOD), tok.token_to_id(tok_lib.PAD),
+          seq_len, f.long_context, f.batch_size, f.max_docs)
+      length = seq_len * f.long_context
+      rows = bucket_table(sums, counts, f.bucket or max(1, length // 64))
+      tsv, png = write_loss_by_position(f.out or f.workdir, rows, seq_len)
+      inside = sums[:seq_len].sum() / max(counts[:seq_len].sum(), 1)
+      beyond = sums[seq_len:].sum() / max(counts[seq_len:].sum(), 1)
+      print(f"loss by position: {inside:.4f} within train.seq_len={seq_len}, {beyond:.4f} in "
+            f"[{seq_len}, {length}) ({int(counts[seq_len:].sum()):,} tokens); {tsv}, {png}")
+    if f.json:
+      print(json.dumps(res))
+
+
+def cli():
+  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-multiple-import
+  flags.DEFINE_string("workdir", None, "Training workdir or exported folder.")
+  flags.DEFINE_string("checkpoint", "best", "best | latest | STEP (workdirs only).")
+  flags.DEFINE_string("data", None, "File, directory or glob to evaluate (default: val split).")
+  flags.DEFINE_integer("seq_len", None, "Window length (default: train.seq_len).")
+  flags.DEFINE_integer("batch_size", 8, "Windows per batch.")
+  flags.DEFINE_integer("max_batches", None, "Evaluate at most this many batches.")
+  flags.DEFINE_bool("json", False, "Print the metrics as one JSON object on the last line.")
+  flags.DEFINE_integer("long_context", 0, "Also loss by position up to K * seq_len (0: off).")
+  flags.DEFINE_integer("max_docs", 64, "Documents (the longest) used for loss by position.")
+  flags.DEFINE_integer("bucket", 0, "Positions per table row (0: 1/64 of the window).")
+  flags.DEFINE_string("out", None, "Folder for loss_by_position.* (default: the workdir).")
+  flags.mark_flag_as_required("workdir")
+  logging.set_verbosity(logging.ERROR)
+  app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

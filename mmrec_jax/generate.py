@@ -1,0 +1,129 @@
+"""Text generation from a trained model.
+
+    python -m mmrec_jax.generate --workdir=runs/tiny --prompt="def main(" \\
+        --max_new_tokens=200 --temperature=0.8 --top_k=40 --top_p=0.95 --seed=0
+
+Prompts: `--prompt` (repeat it for a batch; `--prompt=-` reads standard input)
+or `--prompt_file` (a `.jsonl` file holds one prompt per line, as a JSON string
+or an object with a "prompt" field; any other file is one prompt). One prompt
+streams its continuation; several are decoded as one batch and printed at the
+end. Generation stops at `<|eod|>` or after `--max_new_tokens`.
+"""
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import sys
+
+from mmrec_jax.loading import UsageError
+
+
+def read_prompts(prompts, prompt_file=None, stdin=None):
+  """The prompt strings of the flags (UsageError if none or one is empty)."""
+  out = []
+  for p in prompts or ():
+    out.append((stdin or sys.stdin).read() if p == "-" else p)
+  if prompt_file:
+    if not os.path.isfile(prompt_file):
+      raise UsageError(f"prompt file {prompt_file!r} not found")
+    with open(prompt_file, encoding="utf-8") as f:
+      if prompt_file.endswith(".jsonl"):
+        for n, line in enumerate(f, 1):
+          if line.strip():
+            try:
+              v = json.loads(line)
+            except json.JSONDecodeError:
+              raise UsageError(f"{prompt_file}:{n}: not valid JSON") from None
+            out.append(v["prompt"] if isinstance(v, dict) and "prompt" in v else v)
+      else:
+        out.append(f.read())
+  if not out:
+    raise UsageError("no prompt; pass --prompt=TEXT (repeatable), --prompt=- or --prompt_file")
+  for i, p in enumerate(out):
+    if not isinstance(p, str) or not p:
+      raise UsageError(f"prompt {i + 1} is empty (or not a string); give some text to continue")
+  return out
+
+
+def encode(tok, text):
+  """Token ids of `text`; special-token strings in it are plain text."""
+  old = tok.encode_special_tokens
+  tok.encode_special_tokens = True
+  try:
+    return tok.encode(text, add_special_tokens=False).ids
+  finally:
+    tok.encode_special_tokens = old
+
+
+def decode_bytes(tok, ids):
+  from mmrec_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  return b"".join(tok_lib.token_bytes(tok, int(i)) for i in ids)
+
+
+def generate(model, variables, tok, prompts, max_new_tokens=200, temperature=0.8, top_k=0,
+             top_p=1.0, seed=0, stream=None, decoder=None):
+  """Continuations (str) of `prompts` (str); with `stream` (a text file) and one
+  prompt, the text is written to it as it comes."""
+  from mmrec_jax import sampling  # pylint: disable=g-import-not-at-top
+  from mmrec_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  dec = decoder or sampling.Decoder(model, tok.token_to_id(tok_lib.EOD),
+                                    tok.token_to_id(tok_lib.PAD))
+  ids = [encode(tok, p) for p in prompts]
+  on_tokens = None
+  if stream is not None and len(prompts) == 1:
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def on_tokens(tok_B, done_B):
+      del done_B  # after <|eod|> come <|pad|> tokens: no bytes
+      stream.write(utf8.decode(decode_bytes(tok, tok_B[:1])))
+      stream.flush()
+  new = dec.generate(variables, ids, max_new_tokens, temperature, top_k, top_p, seed,
+                     on_tokens=on_tokens)
+  if on_tokens is not None:  # an incomplete UTF-8 sequence at the end becomes U+FFFD
+    stream.write(utf8.decode(b"", final=True))
+    stream.flush()
+  return [decode_bytes(tok, n).decode("utf-8", errors="replace") for n in new]
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from mmrec_jax import loading as load_lib  # pylint: disable=g-import-not-at-top
+  from mmrec_jax import sampling  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  with load_lib.cli_errors():
+    sampling.check_settings(f.max_new_tokens, f.temperature, f.top_k, f.top_p)
+    prompts = read_prompts(f.prompt, f.prompt_file)
+    model, variables, tok, _ = load_lib.load(f.workdir, f.checkpoint)
+    if len(prompts) == 1:
+      sys.stdout.write(prompts[0])
+      sys.stdout.flush()
+      generate(model, variables, tok, prompts, f.max_new_tokens, f.temperature, f.top_k,
+               f.top_p, f.seed, stream=sys.stdout)
+      sys.stdout.write("\n")
+    else:
+      outs = generate(model, variables, tok, prompts, f.max_new_tokens, f.temperature, f.top_k,
+                      f.top_p, f.seed)
+      for i, (p, o) in enumerate(zip(prompts, outs)):
+        print(f"=== [{i}] ===\n{p}{o}")
+
+
+def cli():
+  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-multiple-import
+  flags.DEFINE_string("workdir", None, "Training workdir or exported folder.")
+  flags.DEFINE_string("checkpoint", "best", "best | latest | STEP (workdirs only).")
+  flags.DEFINE_multi_string("prompt", [], "Prompt text (repeatable); '-' reads stdin.")
+  flags.DEFINE_string("prompt_file", None, "File with one prompt (.jsonl: one per line).")
+  flags.DEFINE_integer("max_new_tokens", 200, "New tokens per prompt at most.")
+  flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 is greedy.")
+  flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1] (1: off).")
+  flags.DEFINE_integer("seed", 0, "Random seed.")
+  flags.mark_flag_as_required("workdir")
+  logging.set_verbosity(logging.ERROR)
+  app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -1,0 +1,186 @@
+"""Load a trained model for research: `from mmrec_jax import load`.
+
+    model, variables, tokenizer, config = load("runs/tiny", checkpoint="best")
+    logits_BTV, state, aux = model.apply(variables, tokens_BT)
+
+`path` is a training workdir (Orbax checkpoints + config.json + tokenizer.json)
+or a folder written by `mmrec_jax.export` (model.safetensors + config.json +
+tokenizer.json). Only JSON, safetensors and Orbax array files are read: nothing
+is unpickled or executed. Parameter shapes are checked against the config.
+
+`mmrec_jax.load` is `mmrec_jax.loading.load`, imported lazily.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+EXPORT_FORMAT = "mmrec_jax.export/1"
+
+
+class LoadError(ValueError):
+  """A model cannot be loaded (missing files, bad config, shape mismatch); one line."""
+
+
+def flatten(tree, prefix=""):
+  """{'a': {'b': x}} -> {'a/b': x}."""
+  out = {}
+  for k, v in tree.items():
+    name = f"{prefix}{k}"
+    if hasattr(v, "items"):
+      out.update(flatten(v, name + "/"))
+    else:
+      out[name] = v
+  return out
+
+
+def unflatten(flat):
+  """{'a/b': x} -> {'a': {'b': x}}."""
+  tree = {}
+  for name, v in flat.items():
+    *parents, leaf = name.split("/")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return tree
+
+
+def is_export(path):
+  return os.path.isfile(os.path.join(path, WEIGHTS_FILE))
+
+
+def _read_json(path):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise LoadError(f"cannot read {path}: {str(e)[:200]}") from None
+
+
+def read_config(path):
+  """The ConfigDict of a workdir or export (model section validated)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from mmrec_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(path):
+    raise LoadError(f"{path!r} is not a directory; pass a training workdir or an exported folder")
+  cpath = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(cpath):
+    raise LoadError(f"{cpath} not found; {path!r} is not a training workdir or exported folder")
+  cfg = ml_collections.ConfigDict(_read_json(cpath))
+  if "model" not in cfg:
+    raise LoadError(f"{cpath} has no 'model' section")
+  try:
+    config_lib.model_config_from_dict(cfg.model.to_dict())
+  except (config_lib.ConfigError, KeyError) as e:
+    raise LoadError(f"{cpath}: bad model config ({e})") from None
+  return cfg
+
+
+def _read_tokenizer(path, vocab_size):
+  from mmrec_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  tpath = os.path.join(path, TOKENIZER_FILE)
+  if not os.path.isfile(tpath):
+    raise LoadError(f"{tpath} not found; the run directory is incomplete")
+  try:
+    return tok_lib.check_tokenizer(tok_lib.load_tokenizer(tpath), vocab_size, tpath)
+  except tok_lib.DataError as e:
+    raise LoadError(str(e)) from None
+
+
+def _read_params(path, checkpoint):
+  """(params, step) from an export or an Orbax workdir."""
+  if is_export(path):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    meta = _read_json(os.path.join(path, CONFIG_FILE))
+    try:
+      flat = load_file(os.path.join(path, WEIGHTS_FILE))
+    except Exception as e:  # pylint: disable=broad-except
+      raise LoadError(f"cannot read {path}/{WEIGHTS_FILE}: {str(e)[:200]}") from None
+    return unflatten(flat), meta.get("source", {}).get("step")
+  from mmrec_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(ckpt_lib.checkpoint_dir(path)):
+    raise LoadError(f"no checkpoints in {path!r}; train first (python -m mmrec_jax.train)")
+  if checkpoint not in ("best", "latest"):
+    try:
+      checkpoint = int(checkpoint)
+    except ValueError:
+      raise LoadError(f"checkpoint={checkpoint!r}: use best, latest or a step number") from None
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)   # Orbax's read-only notices
+  try:
+    params, step = ckpt_lib.restore_params(path, checkpoint)
+  except (ValueError, FileNotFoundError) as e:
+    raise LoadError(f"{path}: {' '.join(str(e).split())[:300]}") from None
+  finally:
+    absl_log.setLevel(level)
+  return params, step
+
+
+def check_shapes(params, model):
+  """LoadError naming the first parameter whose name or shape differs from `model`'s."""
+  from mmrec_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  want = {k: tuple(v.shape) for k, v in flatten(model_lib.param_shapes(model)).items()}
+  got = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
+  for k in sorted(set(want) | set(got)):
+    if k not in got:
+      raise LoadError(f"checkpoint lacks parameter {k!r}; it is from an incompatible model")
+    if k not in want:
+      raise LoadError(f"checkpoint has unexpected parameter {k!r}; it is from an "
+                      "incompatible model")
+    if want[k] != got[k]:
+      raise LoadError(f"parameter {k!r} has shape {got[k]} in the checkpoint but {want[k]} "
+                      "in config.json; the checkpoint is from an incompatible model")
+
+
+def load(path, checkpoint="best"):
+  """(model, variables, tokenizer, config) from a workdir or an exported folder.
+
+  Args:
+    path: training workdir or `mmrec_jax.export` output folder.
+    checkpoint: 'best' | 'latest' | step (workdirs only; ignored for exports).
+  Returns:
+    model: `MMRec` (Flax linen); variables: {'params': ...} of jax arrays;
+    tokenizer: `tokenizers.Tokenizer`; config: the run's ConfigDict.
+  Raises:
+    LoadError: missing files, bad config, or parameters that do not fit it.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from mmrec_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  path = os.fspath(path)
+  cfg = read_config(path)
+  mcfg = model_lib.ModelConfig.from_config(cfg.model)
+  model = model_lib.MMRec(mcfg)
+  tok = _read_tokenizer(path, mcfg.vocab_size)
+  params, step = _read_params(path, checkpoint)
+  check_shapes(params, model)
+  params = jax.tree.map(lambda x: jax.numpy.asarray(x, mcfg.params_dtype), params)
+  with cfg.unlocked():
+    cfg.loaded_step = step
+  return model, {"params": params}, tok, cfg
+
+
+@contextlib.contextmanager
+def cli_errors():
+  """Turns bad-input exceptions into `error: ...` on stderr and exit code 2."""
+  from mmrec_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from mmrec_jax import sources  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except (LoadError, UsageError, config_lib.ConfigError, sources.DataError) as e:
+    msg = " ".join(str(e).split())
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+class UsageError(ValueError):
+  """A bad command-line value (prompt, sampling setting, data); one line."""

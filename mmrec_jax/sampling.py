@@ -1,0 +1,173 @@
+"""Sampling (temperature / top-k / top-p) and the jitted decode loop.
+
+    dec = Decoder(model, eod_id=0, pad_id=1)
+    ids = dec.generate(variables, [prompt_ids], max_new_tokens=64, temperature=0.8)
+
+Prompts are left-padded into one batch: `<|pad|>...<|pad|> <|eod|> prompt`,
+with reset=True at the `<|eod|>`, so every row starts from a fresh state and
+a batch decodes exactly as each prompt alone. The prompt is prefilled by one
+parallel `apply`; decoding then feeds one token at a time through the
+recurrent state, in a `lax.while_loop` (or, to stream, a jitted step called
+from Python). Row r of step i samples with `fold_in(fold_in(key, i), r)`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmrec_jax.loading import UsageError
+
+MAX_NEW_TOKENS = 100_000
+
+
+def check_settings(max_new_tokens, temperature, top_k, top_p):
+  """UsageError on a bad sampling setting."""
+  if not 0 < max_new_tokens <= MAX_NEW_TOKENS:
+    raise UsageError(f"max_new_tokens={max_new_tokens} must be in 1..{MAX_NEW_TOKENS}")
+  if not temperature >= 0:
+    raise UsageError(f"temperature={temperature} must be >= 0 (0 is greedy)")
+  if not 0 < top_p <= 1:
+    raise UsageError(f"top_p={top_p} must be in (0, 1] (1 disables nucleus sampling)")
+  if top_k < 0:
+    raise UsageError(f"top_k={top_k} must be >= 0 (0 disables top-k)")
+
+
+def _threshold(x_BV, enough, iters=32):
+  """Per row, the largest t (to float precision) with enough(x_BV >= t) true, by bisection.
+
+  `enough(keep_BV) -> bool [B]` must be monotone (true for t = min x). No sort:
+  sorting the vocabulary is slow on CPU.
+  """
+  lo_B = jnp.min(jnp.where(jnp.isfinite(x_BV), x_BV, jnp.inf), axis=-1)
+  hi_B = jnp.max(x_BV, axis=-1)
+
+  def body(_, c):
+    lo_B, hi_B = c
+    mid_B = (lo_B + hi_B) / 2
+    ok_B = enough(x_BV >= mid_B[:, None])
+    return jnp.where(ok_B, mid_B, lo_B), jnp.where(ok_B, hi_B, mid_B)
+
+  lo_B, hi_B = jax.lax.fori_loop(0, iters, body, (lo_B, hi_B))
+  return jnp.where(enough(x_BV >= hi_B[:, None]), hi_B, lo_B)
+
+
+def sample_logits(key, logits_BV, temperature, top_k, top_p):
+  """Next tokens int32 [B]; temperature 0 is greedy, top_k 0 / top_p 1 disable.
+
+  The settings are Python numbers (static under jit). Top-k is applied first,
+  then top-p on the renormalised top-k distribution (ties at a threshold are
+  kept). Row r draws with fold_in(key, r), by inverse CDF.
+  """
+  B, V = logits_BV.shape
+  logits_BV = logits_BV.astype(jnp.float32)
+  if temperature == 0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  x_BV = logits_BV / temperature
+  if 0 < top_k < V:
+    thr_B = _threshold(x_BV, lambda keep_BV: jnp.sum(keep_BV, axis=-1) >= top_k)
+    x_BV = jnp.where(x_BV >= thr_B[:, None], x_BV, -jnp.inf)
+  p_BV = jax.nn.softmax(x_BV, axis=-1)
+  if top_p < 1:
+    thr_B = _threshold(x_BV, lambda keep_BV: jnp.sum(jnp.where(keep_BV, p_BV, 0.0), -1) >= top_p)
+    p_BV = jnp.where(x_BV >= thr_B[:, None], p_BV, 0.0)
+  cdf_BV = jnp.cumsum(p_BV, axis=-1)
+  keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(B))
+  u_B = jax.vmap(jax.random.uniform)(keys) * cdf_BV[:, -1]
+  tok_B = jnp.sum(cdf_BV <= u_B[:, None], axis=-1)
+  # Never land on a zero-probability token (rounding at the top end).
+  last_B = V - 1 - jnp.argmax((p_BV > 0)[:, ::-1], axis=-1)
+  return jnp.minimum(tok_B, last_B).astype(jnp.int32)
+
+
+def pack_prompts(prompts, eod_id, pad_id, multiple=1):
+  """Left-padded tokens int32 [B, P] and reset bool [B, P]; P rounded up to `multiple`."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise UsageError("empty prompt; give at least one token of text")
+  n = max(len(p) for p in prompts) + 1
+  n = -(-n // multiple) * multiple
+  tokens_BP = np.full((len(prompts), n), pad_id, np.int32)
+  reset_BP = np.zeros((len(prompts), n), bool)
+  for b, p in enumerate(prompts):
+    tokens_BP[b, n - len(p) - 1] = eod_id
+    reset_BP[b, n - len(p) - 1] = True
+    tokens_BP[b, n - len(p):] = p
+  return tokens_BP, reset_BP
+
+
+class Decoder:
+  """Jitted prefill, step and decode loop of one model (compiled once per shape)."""
+
+  def __init__(self, model, eod_id=0, pad_id=1):
+    self.model, self.eod_id, self.pad_id = model, eod_id, pad_id
+    self.prefill = jax.jit(self._prefill)
+    self.step = jax.jit(self._step, static_argnames=("settings",))
+    self.loop = jax.jit(self._loop, static_argnames=("settings", "n_new"))
+
+  def _prefill(self, variables, tokens_BT, reset_BT, state=None):
+    logits_BTV, state, _ = self.model.apply(variables, tokens_BT, state=state, reset=reset_BT)
+    return logits_BTV[:, -1], state
+
+  def _step(self, variables, key, i, logits_BV, state, done_B, settings):
+    """Samples token i from logits_BV, feeds it; returns (tok_B, logits_BV, state, done_B)."""
+    tok_B = sample_logits(jax.random.fold_in(key, i), logits_BV, *settings)
+    tok_B = jnp.where(done_B, self.pad_id, tok_B)
+    done_B = done_B | (tok_B == self.eod_id)
+    logits_B1V, state, _ = self.model.apply(variables, tok_B[:, None], state=state)
+    return tok_B, logits_B1V[:, 0], state, done_B
+
+  def _loop(self, variables, key, logits_BV, state, settings, n_new):
+    B = logits_BV.shape[0]
+
+    def cond(c):
+      return (c[0] < n_new) & ~jnp.all(c[3])
+
+    def body(c):
+      i, logits_BV, state, done_B, out_BN = c
+      tok_B, logits_BV, state, done_B = self._step(variables, key, i, logits_BV, state, done_B,
+                                                   settings)
+      return i + 1, logits_BV, state, done_B, out_BN.at[:, i].set(tok_B)
+
+    out_BN = jnp.full((B, n_new), self.pad_id, jnp.int32)
+    c = (jnp.int32(0), logits_BV, state, jnp.zeros((B,), bool), out_BN)
+    return jax.lax.while_loop(cond, body, c)[4]
+
+  def generate(self, variables, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+               seed=0, on_tokens=None, pad_multiple=16):
+    """New token ids per prompt (without the final `<|eod|>`).
+
+    Args:
+      variables: {'params': ...}.
+      prompts: lists of token ids (without `<|eod|>`).
+      max_new_tokens: at most this many new tokens per prompt.
+      temperature, top_k, top_p: see `sample_logits`.
+      seed: int; the same seed gives the same tokens.
+      on_tokens: optional callback(tok_B np.int32, done_B np.bool_) after each
+        step; given, a jitted step runs in a Python loop (for streaming).
+      pad_multiple: prompt batches are padded to a multiple of this (fewer compiles).
+    """
+    check_settings(max_new_tokens, temperature, top_k, top_p)
+    tokens_BP, reset_BP = pack_prompts(prompts, self.eod_id, self.pad_id, pad_multiple)
+    settings = (float(temperature), int(top_k), float(top_p))
+    key = jax.random.key(seed)
+    logits_BV, state = self.prefill(variables, tokens_BP, reset_BP)
+    if on_tokens is None:
+      out_BN = np.asarray(self.loop(variables, key, logits_BV, state, settings=settings,
+                                    n_new=int(max_new_tokens)))
+    else:
+      done_B = jnp.zeros((len(prompts),), bool)
+      cols = []
+      for i in range(max_new_tokens):
+        tok_B, logits_BV, state, done_B = self.step(variables, key, jnp.int32(i), logits_BV,
+                                                    state, done_B, settings=settings)
+        tok_B, done_np = np.asarray(tok_B), np.asarray(done_B)
+        cols.append(tok_B)
+        on_tokens(tok_B, done_np)
+        if done_np.all():
+          break
+      out_BN = np.stack(cols, axis=1)
+    res = []
+    for row in out_BN.tolist():
+      n = row.index(self.eod_id) if self.eod_id in row else len(row)
+      res.append(row[:n])
+    return res

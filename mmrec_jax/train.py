@@ -345,6 +345,13 @@ def run(config, workdir, devices=None, argv=None, quiet=False):
     start, best_val, bad_evals = 0, math.inf, 0
 
   n_dev = s.mesh.devices.size
+  from mmrec_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  log(f"model {s.mcfg.name}: {model_lib.count_params(s.abstract_params):,} parameters; "
+      f"{n_dev} x {s.mesh.devices.flat[0].device_kind} devices, mesh "
+      f"{dict(zip(s.mesh.axis_names, s.mesh.devices.shape))}")
+  log(f"data: {config.data.path or 'built-in corpus (Python standard library sources)'}; "
+      f"{ds.num_train_windows:,} training windows of {t.seq_len} tokens, "
+      f"{len(val_batches)} validation batches; workdir {workdir}")
   flops_train = 3 * _flops(s, t.seq_len)
   peak = metrics_lib.peak_flops_per_device(s.mesh.devices.flat[0]) * n_dev
   tokens_per_step = t.batch_size * t.seq_len

@@ -2,7 +2,9 @@
 
 The sequence is cut into chunks of C tokens, aligned to the document start (a
 reset starts a new chunk and empties the memory). When a chunk ends, its
-summary is written into the memory:
+summary is written into the memory (the layer stores the summary's attention
+key and value, concatenated: both are linear in it, so the pooling below gives
+the key and value of pooled summaries):
 
 - level 0 keeps the last S summaries at full resolution;
 - a summary evicted from level l-1 waits in level l's pending slot until a
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 
 
 def empty_memory(levels, slots, width):
-  """The memory of one sequence at a document start."""
+  """The memory of one sequence at a document start (`width` per slot: key and value)."""
   return {
       "slots": jnp.zeros((levels, slots, width), jnp.float32),
       "valid": jnp.zeros((levels, slots), bool),

@@ -230,15 +230,20 @@ class HDSMemory(nn.Module):
     end_BK, end_valid_BK, clear_BK, k_BT, cleared_BT, is_end_BT = ev
     acc_BKX = jnp.take_along_axis(acc_BTX, end_BK[..., None], axis=1)
     pooled_BKD = acc_BKX[..., :D] / jnp.maximum(acc_BKX[..., D:], 1e-6)
-    summ_BKD = Dense(D, ("embed", "kv"), cfg, name="summary")(pooled_BKD.astype(dt)).astype(
-        jnp.float32)
+    summ_BKD = nn.gelu(Dense(D, ("embed", "kv"), cfg, name="summary")(pooled_BKD.astype(dt)))
+    # The memory stores each summary's key and value: the projections are linear,
+    # so pooling them in the coarser levels equals projecting pooled summaries,
+    # and no slot is ever projected twice.
+    kv_BKX = jnp.concatenate([Dense(D, ("kv", "kv"), cfg, name="key")(summ_BKD),
+                              Dense(D, ("kv", "kv"), cfg, name="value")(summ_BKD)],
+                             axis=-1).astype(jnp.float32)
 
     mem0 = {k: state[k] for k in ("slots", "valid", "pend", "pend_n")}
-    snaps, final = jax.vmap(mem_lib.run_writes)(mem0, summ_BKD, end_valid_BK, clear_BK)
-    m_BKMD, valid_BKM = jax.vmap(jax.vmap(mem_lib.readable))(snaps)
-    K1, M = m_BKMD.shape[1:3]
-    keys = Dense(D, ("kv", "kv"), cfg, name="key")(m_BKMD.astype(dt)).reshape(B, K1, M, H, D // H)
-    vals = Dense(D, ("kv", "kv"), cfg, name="value")(m_BKMD.astype(dt)).reshape(B, K1, M, H, D // H)
+    snaps, final = jax.vmap(mem_lib.run_writes)(mem0, kv_BKX, end_valid_BK, clear_BK)
+    m_BKMX, valid_BKM = jax.vmap(jax.vmap(mem_lib.readable))(snaps)
+    K1, M = m_BKMX.shape[1:3]
+    keys = m_BKMX[..., :D].astype(dt).reshape(B, K1, M, H, D // H)
+    vals = m_BKMX[..., D:].astype(dt).reshape(B, K1, M, H, D // H)
     window = min(cfg.chunk_size, T)
     read_BTHd = jax.vmap(mem_lib.attend, in_axes=(0, 0, 0, 0, 0, 0, None))(
         q_BTD.reshape(B, T, H, D // H), keys, vals, valid_BKM, k_BT, cleared_BT, window)
@@ -339,7 +344,7 @@ class MMRec(nn.Module):
     """The decoding state at a document start: fixed size, stacked over layers."""
     c = self.cfg
     L, D = c.n_layers, c.d_model
-    one = mem_lib.empty_memory(c.mem_levels, c.mem_slots, D)
+    one = mem_lib.empty_memory(c.mem_levels, c.mem_slots, 2 * D)  # key and value per slot
     st = {k: jnp.broadcast_to(v, (L, batch) + v.shape) for k, v in one.items()}
     st.update(h=jnp.zeros((L, batch, D), jnp.float32), pos=jnp.zeros((L, batch), jnp.int32),
               csum=jnp.zeros((L, batch, D), jnp.float32), cw=jnp.zeros((L, batch), jnp.float32))
@@ -381,6 +386,18 @@ class MMRec(nn.Module):
     logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embed.astype(cfg.compute_dtype),
                             preferred_element_type=jnp.float32)
     return logits_BTV, new_state, aux
+
+
+def unstack_layers(model: MMRec, params):
+  """The same function with the layers unrolled (scan_layers=False) and their
+  parameters unstacked: decoding reads each layer's weights in place instead of
+  slicing them out of the stacked array at every step."""
+  if not model.cfg.scan_layers:
+    return model, params
+  out = {k: v for k, v in params.items() if k != "blocks"}
+  for i in range(model.cfg.n_layers):
+    out[f"block_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], params["blocks"])
+  return MMRec(model.cfg.replace(scan_layers=False)), out
 
 
 def init_params(model: MMRec, rng, batch: int = 1, seq_len: int | None = None):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmrec_jax import model as model_lib
 from mmrec_jax.loading import UsageError
 
 MAX_NEW_TOKENS = 100_000
@@ -99,10 +100,20 @@ class Decoder:
   """Jitted prefill, step and decode loop of one model (compiled once per shape)."""
 
   def __init__(self, model, eod_id=0, pad_id=1):
-    self.model, self.eod_id, self.pad_id = model, eod_id, pad_id
+    # Decoding runs the layers unrolled (same function, weights read in place).
+    self.model = model_lib.MMRec(model.cfg.replace(scan_layers=False))
+    self._scanned = model.cfg.scan_layers
+    self.eod_id, self.pad_id = eod_id, pad_id
     self.prefill = jax.jit(self._prefill)
     self.step = jax.jit(self._step, static_argnames=("settings",))
     self.loop = jax.jit(self._loop, static_argnames=("settings", "n_new"))
+
+  def prepare(self, variables):
+    """Variables of the model as given -> variables of the unrolled decoding model."""
+    if not self._scanned:
+      return variables
+    scanned = model_lib.MMRec(self.model.cfg.replace(scan_layers=True))
+    return {"params": model_lib.unstack_layers(scanned, variables["params"])[1]}
 
   def _prefill(self, variables, tokens_BT, reset_BT, state=None):
     logits_BTV, state, _ = self.model.apply(variables, tokens_BT, state=state, reset=reset_BT)
@@ -150,6 +161,7 @@ class Decoder:
     tokens_BP, reset_BP = pack_prompts(prompts, self.eod_id, self.pad_id, pad_multiple)
     settings = (float(temperature), int(top_k), float(top_p))
     key = jax.random.key(seed)
+    variables = self.prepare(variables)
     logits_BV, state = self.prefill(variables, tokens_BP, reset_BP)
     if on_tokens is None:
       out_BN = np.asarray(self.loop(variables, key, logits_BV, state, settings=settings,

@@ -169,10 +169,9 @@ def test_remat_and_unscanned_layers_give_the_same_function():
   ref = run(base, params)
   lo = run(M.MMRec(cfg.replace(remat="full")), params)
   np.testing.assert_allclose(lo, ref, atol=1e-5)
-  unscanned = {k: v for k, v in params.items() if k != "blocks"}
-  for i in range(cfg.n_layers):
-    unscanned[f"block_{i}"] = jax.tree_util.tree_map(lambda x: x[i], params["blocks"])
-  lo = run(M.MMRec(cfg.replace(scan_layers=False)), unscanned)
+  unrolled, unstacked = M.unstack_layers(base, params)
+  assert not unrolled.cfg.scan_layers and "block_1" in unstacked
+  lo = run(unrolled, unstacked)
   np.testing.assert_allclose(lo, ref, atol=1e-5)
 
 

@@ -80,6 +80,7 @@ def measure_speed(name, decode_tokens, prefill_tokens):
   from mmrec_jax import sampling  # pylint: disable=g-import-not-at-top
   model, variables = _setup(name)
   dec = sampling.Decoder(model, eod_id=-1)  # never stops early on random weights
+  variables = dec.prepare(variables)
   settings = (0.8, 40, 0.95)
   out = {}
 

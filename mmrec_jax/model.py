@@ -219,16 +219,20 @@ class HDSMemory(nn.Module):
 
     pos_BT, last_reset_BT = jax.vmap(mem_lib.positions)(state["pos"], reset_BT)
     start_BT = pos_BT % cfg.chunk_size == 0
-    # Running (sum w*h, sum w) within the current chunk: the same linear scan,
-    # restarted at every chunk start.
-    acc_BTX = linear_scan(
-        jnp.where(start_BT, 0.0, 1.0)[..., None] * jnp.ones((1, 1, D + 1)),
-        jnp.concatenate([w_BT[..., None] * h_BTD, w_BT[..., None]], axis=-1),
-        jnp.concatenate([state["csum"], state["cw"][:, None]], axis=-1),
-        impl=cfg.scan_impl, chunk=cfg.scan_chunk)
     ev = jax.vmap(lambda p, r: mem_lib.chunk_events(p, r, cfg.chunk_size))(pos_BT, last_reset_BT)
     end_BK, end_valid_BK, clear_BK, k_BT, cleared_BT, is_end_BT = ev
-    acc_BKX = jnp.take_along_axis(acc_BTX, end_BK[..., None], axis=1)
+    # (sum w*h, sum w) of each ending chunk and of the unfinished last one, as
+    # masked sums over the chunk's tokens; segment 0 continues the carried chunk.
+    x_BTX = jnp.concatenate([w_BT[..., None] * h_BTD, w_BT[..., None]], axis=-1)
+    carry_BX = jnp.concatenate([state["csum"], state["cw"][:, None]], axis=-1)
+    seg_BT = jnp.cumsum(start_BT, axis=1)
+    seg_BK = jnp.take_along_axis(seg_BT, end_BK, axis=1)
+    sums = lambda sel, x: jnp.einsum("bkt,btx->bkx", sel.astype(jnp.float32), x,
+                                     precision=jax.lax.Precision.HIGHEST)
+    acc_BKX = (sums(seg_BT[:, None, :] == seg_BK[:, :, None], x_BTX)
+               + jnp.where((seg_BK == 0)[..., None], carry_BX[:, None], 0.0))
+    last_BX = (sums(seg_BT[:, None, :] == seg_BT[:, -1:, None], x_BTX)[:, 0]
+               + jnp.where(seg_BT[:, -1:] == 0, carry_BX, 0.0))
     pooled_BKD = acc_BKX[..., :D] / jnp.maximum(acc_BKX[..., D:], 1e-6)
     summ_BKD = nn.gelu(Dense(D, ("embed", "kv"), cfg, name="summary")(pooled_BKD.astype(dt)))
     # The memory stores each summary's key and value: the projections are linear,
@@ -254,7 +258,7 @@ class HDSMemory(nn.Module):
     final = jax.tree_util.tree_map(
         lambda m: jnp.where(doc_cleared_B.reshape((B,) + (1,) * (m.ndim - 1)), jnp.zeros_like(m), m),
         final)
-    last_acc_BX = jnp.where(is_end_BT[:, -1:], 0.0, acc_BTX[:, -1])
+    last_acc_BX = jnp.where(is_end_BT[:, -1:], 0.0, last_BX)
     new_state = dict(final, pos=pos_BT[:, -1] + 1, csum=last_acc_BX[:, :D], cw=last_acc_BX[:, D])
     return out_BTD, new_state
 

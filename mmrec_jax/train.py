@@ -16,6 +16,7 @@ import sys
 import time
 
 import jax
+import optax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
@@ -46,33 +47,10 @@ class Result:
 # ----------------------------------------------------------------------------- loss
 
 
-@jax.custom_vjp
-def token_nll(logits_BTV, targets_BT):
-  """-log softmax(logits)[target], float32. The backward pass is the fused
-  `softmax - one_hot` (no scatter into a [B, T, V] buffer)."""
-  return _token_nll_fwd(logits_BTV, targets_BT)[0]
-
-
-def _token_nll_fwd(logits_BTV, targets_BT):
-  logits_BTV = logits_BTV.astype(jnp.float32)
-  lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  return lse_BT - picked_BT, (logits_BTV, lse_BT, targets_BT)
-
-
-def _token_nll_bwd(res, g_BT):
-  logits_BTV, lse_BT, targets_BT = res
-  onehot = targets_BT[..., None] == jnp.arange(logits_BTV.shape[-1], dtype=targets_BT.dtype)
-  d_BTV = (jnp.exp(logits_BTV - lse_BT[..., None]) - onehot) * g_BT[..., None]
-  return d_BTV, None
-
-
-token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
-
-
 def cross_entropy(logits_BTV, targets_BT, mask_BT):
   """(sum of masked nats, number of real targets, correct predictions); no shift."""
-  nll_BT = token_nll(logits_BTV, targets_BT)
+  nll_BT = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BTV.astype(jnp.float32), targets_BT)
   mask_BT = mask_BT.astype(jnp.float32)
   correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
   return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT), jnp.sum(correct_BT * mask_BT)
@@ -125,7 +103,7 @@ def make_train_step(model, tx, schedule, aux_weights, grad_accum, mesh):
     params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
     ce = ce_sum / denom
     loss = ce + sum(w * aux[k] for k, w in aux_weights.items())
-    out = {"loss": loss, "ce": ce, "grad_norm": opt_lib.optax.tree.norm(grads),
+    out = {"loss": loss, "ce": ce, "grad_norm": optax.tree.norm(grads),
            "lr": schedule(step), "tokens": denom}
     out.update({f"aux_{k}": v for k, v in aux.items()})
     return params, opt_state, out

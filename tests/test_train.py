@@ -284,3 +284,4 @@ def test_decay_mask_and_shardings():
     assert odd["x"].spec == jax.sharding.PartitionSpec(None, "fsdp")
   with pytest.raises(ValueError, match="devices"):
     shard_lib.make_mesh({"data": 3, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+

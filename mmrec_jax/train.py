@@ -235,6 +235,10 @@ def _resume_command(argv, workdir):
   return "python -m mmrec_jax.train " + " ".join(shlex.quote(a) for a in args)
 
 
+# Model fields that change how the step runs, not the parameters: a run may resume with new values.
+RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "scan_impl", "scan_chunk", "dropout")
+
+
 def check_workdir_config(workdir, config):
   """ConfigError if workdir/config.json holds a different model section."""
   path = os.path.join(workdir, ckpt_lib.CONFIG_FILE)
@@ -242,6 +246,11 @@ def check_workdir_config(workdir, config):
     return
   saved = ckpt_lib.load_run_config(workdir)
   diff = ckpt_lib.model_diff(saved.model.to_dict(), config.model.to_dict())
+  changed = [k for k in diff if k in RESUMABLE_MODEL_FIELDS]
+  if changed and jax.process_index() == 0:
+    print(f"note: resuming with changed {', '.join(f'model.{k}' for k in changed)} "
+          "(these change how the model runs, not its parameters)")
+  diff = [k for k in diff if k not in RESUMABLE_MODEL_FIELDS]
   if diff:
     detail = ", ".join(f"model.{k} (saved {saved.model.get(k)!r}, now {config.model.get(k)!r})"
                        for k in diff)

@@ -190,6 +190,9 @@ def test_model_config_mismatch_on_resume_is_an_error(reference, corpus):
   assert proc.returncode == 2, out[-3000:]
   err = [l for l in out.splitlines() if l.startswith("error:")]
   assert len(err) == 1 and "model.n_layers" in err[0], out[-3000:]
+  # How the model runs (precision, remat) may change on resume; its shape may not.
+  train.check_workdir_config(workdir, make_config(corpus, **{"model.dtype": "bfloat16",
+                                                              "model.remat": "full"}))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):

@@ -56,29 +56,33 @@ def _threshold(x_BV, enough, iters=32):
 def sample_logits(key, logits_BV, temperature, top_k, top_p):
   """Next tokens int32 [B]; temperature 0 is greedy, top_k 0 / top_p 1 disable.
 
-  The settings are Python numbers (static under jit). Top-k is applied first,
-  then top-p on the renormalised top-k distribution (ties at a threshold are
-  kept). Row r draws with fold_in(key, r), by inverse CDF.
+  The settings are Python numbers (static under jit). Top-k (`lax.top_k`) comes
+  first, then top-p on the renormalised top-k distribution (the smallest prefix
+  of the sorted candidates whose mass reaches top_p; without top-k, a bisection
+  on the threshold, ties kept). Row r draws with fold_in(key, r) (Gumbel-max),
+  so a row's tokens do not depend on the rest of the batch.
   """
   B, V = logits_BV.shape
   logits_BV = logits_BV.astype(jnp.float32)
   if temperature == 0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  x_BV = logits_BV / temperature
+  x_BK, idx_BK = logits_BV / temperature, None
   if 0 < top_k < V:
-    thr_B = _threshold(x_BV, lambda keep_BV: jnp.sum(keep_BV, axis=-1) >= top_k)
-    x_BV = jnp.where(x_BV >= thr_B[:, None], x_BV, -jnp.inf)
-  p_BV = jax.nn.softmax(x_BV, axis=-1)
+    x_BK, idx_BK = jax.lax.top_k(x_BK, top_k)  # sorted, descending
   if top_p < 1:
-    thr_B = _threshold(x_BV, lambda keep_BV: jnp.sum(jnp.where(keep_BV, p_BV, 0.0), -1) >= top_p)
-    p_BV = jnp.where(x_BV >= thr_B[:, None], p_BV, 0.0)
-  cdf_BV = jnp.cumsum(p_BV, axis=-1)
+    p_BK = jax.nn.softmax(x_BK, axis=-1)
+    if idx_BK is not None:
+      keep_BK = jnp.cumsum(p_BK, axis=-1) - p_BK < top_p
+    else:
+      thr_B = _threshold(x_BK, lambda keep: jnp.sum(jnp.where(keep, p_BK, 0.0), -1) >= top_p)
+      keep_BK = x_BK >= thr_B[:, None]
+    x_BK = jnp.where(keep_BK, x_BK, -jnp.inf)
   keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(B))
-  u_B = jax.vmap(jax.random.uniform)(keys) * cdf_BV[:, -1]
-  tok_B = jnp.sum(cdf_BV <= u_B[:, None], axis=-1)
-  # Never land on a zero-probability token (rounding at the top end).
-  last_B = V - 1 - jnp.argmax((p_BV > 0)[:, ::-1], axis=-1)
-  return jnp.minimum(tok_B, last_B).astype(jnp.int32)
+  gumbel_BK = jax.vmap(lambda k: jax.random.gumbel(k, x_BK.shape[1:]))(keys)
+  j_B = jnp.argmax(x_BK + gumbel_BK, axis=-1)
+  if idx_BK is not None:
+    j_B = jnp.take_along_axis(idx_BK, j_B[:, None], axis=-1)[:, 0]
+  return j_B.astype(jnp.int32)
 
 
 def pack_prompts(prompts, eod_id, pad_id, multiple=1):

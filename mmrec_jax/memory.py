@@ -40,7 +40,7 @@ def empty_memory(levels, slots, width):
 
 
 def write(mem, s_D):
-  """Writes one chunk summary; cascades evictions into coarser levels."""
+  """Writes one chunk's key+value vector; cascades evictions into coarser levels."""
   slots, valid, pend, pend_n = mem["slots"], mem["valid"], mem["pend"], mem["pend_n"]
   levels = slots.shape[0]
   new_slots, new_valid, new_pend, new_pend_n = [], [], [], []
@@ -108,8 +108,9 @@ def chunk_events(pos_T, last_reset_T, chunk):
   return end_K, end_valid_K, clear_K, k_T, cleared_T, end_T
 
 
-def run_writes(mem0, summ_KD, valid_K, clear_K):
-  """Applies the chunk writes in order; returns the K+1 snapshots and the final memory."""
+def run_writes(mem0, kv_KX, valid_K, clear_K):
+  """Applies the chunk writes (one key+value vector each) in order; returns the K+1
+  snapshots and the final memory."""
   empty = jax.tree_util.tree_map(jnp.zeros_like, mem0)
 
   def step(mem, xs):
@@ -119,8 +120,7 @@ def run_writes(mem0, summ_KD, valid_K, clear_K):
     mem = jax.tree_util.tree_map(lambda n, m: jnp.where(ok, n, m), new, mem)
     return mem, mem
 
-  K = summ_KD.shape[0]
-  final, snaps = jax.lax.scan(step, mem0, (summ_KD, valid_K, clear_K))
+  final, snaps = jax.lax.scan(step, mem0, (kv_KX, valid_K, clear_K))
   snaps = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), mem0, snaps)
   return snaps, final
 

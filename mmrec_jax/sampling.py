@@ -105,8 +105,8 @@ class Decoder:
 
   def __init__(self, model, eod_id=0, pad_id=1):
     # Decoding runs the layers unrolled (same function, weights read in place).
+    self._given = model
     self.model = model_lib.MMRec(model.cfg.replace(scan_layers=False))
-    self._scanned = model.cfg.scan_layers
     self.eod_id, self.pad_id = eod_id, pad_id
     self.prefill = jax.jit(self._prefill)
     self.step = jax.jit(self._step, static_argnames=("settings",))
@@ -114,10 +114,7 @@ class Decoder:
 
   def prepare(self, variables):
     """Variables of the model as given -> variables of the unrolled decoding model."""
-    if not self._scanned:
-      return variables
-    scanned = model_lib.MMRec(self.model.cfg.replace(scan_layers=True))
-    return {"params": model_lib.unstack_layers(scanned, variables["params"])[1]}
+    return {"params": model_lib.unstack_layers(self._given, variables["params"])[1]}
 
   def _prefill(self, variables, tokens_BT, reset_BT, state=None):
     logits_BTV, state, _ = self.model.apply(variables, tokens_BT, state=state, reset=reset_BT)

@@ -13,7 +13,7 @@ from mmrec_jax import model as M
 V = 64
 ALL_ON = M.ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, chunk_size=4, mem_slots=2,
                        mem_levels=3, use_dpg=True, dpg_rank=4, use_moe=True, moe_experts=4,
-                       moe_capacity_factor=2.0,  # capacity = 4T/E... = T: never drops, so streaming is exact
+                       moe_capacity_factor=2.0,  # capacity 2*2T/E = T: never drops, so streaming is exact
                        use_uboo=True, dropout=0.1)
 
 

@@ -4,8 +4,9 @@
 #   sbatch --nodes=2 launch/slurm_gpu.sh --config=configs/small.py --workdir=/shared/runs/small
 #
 # SLURM sends SIGTERM 120 s before the time limit (--signal below); mmrec_jax.train
-# then finishes the current step, saves a checkpoint and exits; the job requeues
-# itself and the same command resumes from the latest checkpoint.
+# then finishes the current step, saves a checkpoint and exits with status 143
+# (128 + SIGTERM; 130 after Ctrl-C, 0 when finished, 1 or 2 on failure); on 143
+# the job requeues itself and the same command resumes from the latest checkpoint.
 #SBATCH --job-name=mmrec
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
@@ -17,6 +18,7 @@
 #SBATCH --output=slurm-%j.out
 set -euo pipefail
 cd "${REPO_DIR:-$SLURM_SUBMIT_DIR}"
+# shellcheck source=/dev/null
 . .venv/bin/activate
 
 # jax.distributed.initialize() reads the SLURM environment (coordinator = first
@@ -26,7 +28,9 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 
 status=0
 srun --kill-on-bad-exit=1 python -m mmrec_jax.train "$@" || status=$?
-if [[ $status -eq 0 && -n "${SLURM_JOB_ID:-}" ]] && grep -q "Resume with" "slurm-${SLURM_JOB_ID}.out" 2>/dev/null; then
+if [[ $status -eq 143 && -n "${SLURM_JOB_ID:-}" ]]; then
+  echo "mmrec: stopped by SIGTERM (status 143) after saving; requeueing job $SLURM_JOB_ID" >&2
   scontrol requeue "$SLURM_JOB_ID"
+  exit 0
 fi
-exit $status
+exit "$status"

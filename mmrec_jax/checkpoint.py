@@ -17,13 +17,18 @@ Workdir layout (`--workdir`, default `runs/<model name>`)::
         meta/             {'step', 'val_loss' (or null), 'time', 'best_val', 'bad_evals'}
         metrics/          {'val_loss'} when the step was evaluated (Orbax best tracking)
 
-Public: `restore_params(workdir, which)`, `load_run_config(workdir)`.
+Public: `restore_newest_good(mngr, ...)` (resume), `restore_params(workdir, which)`
+(inference), `load_run_config(workdir)`. A checkpoint that does not restore
+(truncated, bit-flipped, an item missing) is never deleted: resume skips it for
+the newest one that restores; inference names it and the readable steps.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import time
 
 import jax
@@ -31,6 +36,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm_policies
+
+from mmrec_jax import workdir as workdir_lib
+from mmrec_jax.errors import LoadError, TrainError
 
 ITEMS = ("params", "opt_state", "train", "data", "meta")
 CONFIG_FILE = "config.json"
@@ -90,6 +98,75 @@ def restore(mngr, step, abstract_params, abstract_opt_state, abstract_rng):
   return out.params, out.opt_state, out.train["rng"], out.data, out.meta
 
 
+_TS_STATUS = re.compile(r"\b(DATA_LOSS|OUT_OF_RANGE|FAILED_PRECONDITION|NOT_FOUND|INVALID_ARGUMENT"
+                        r"|INTERNAL|UNKNOWN|ABORTED|UNAVAILABLE):")
+_TS_WHERE = re.compile(r' in OCDBT database at local file "[^"]*"| at local file "[^"]*"')
+
+
+def short_reason(e, limit=160):
+  """One line saying why a restore failed, from the innermost TensorStore status if any.
+
+  e.g. 'OUT_OF_RANGE: Error reading "w/0.0": Requested byte range [0, 15139) is not
+  valid for value of size 7711', or 'KeyError: Item "params" was not found ...'.
+  """
+  chain, c = [], e
+  while c is not None and len(chain) < 8:
+    chain.append(c)
+    c = c.__cause__ or c.__context__
+  text = None
+  for c in reversed(chain):   # innermost first: TensorStore's own status
+    m = _TS_STATUS.search(str(c))
+    if m:
+      text = _TS_WHERE.sub("", str(c)[m.start():]).split("; at byte")[0]
+      break
+  if text is None:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    msg = (lines[0] if lines else "").strip("'\"")
+    text = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+  text = " ".join(text.replace("\\'", "'").split())
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Orbax / absl log their own error traces on a failed restore: keep them off stderr."""
+  loggers = [logging.getLogger(n) for n in ("absl", "orbax", "orbax.checkpoint")]
+  levels = [l.level for l in loggers]
+  for l in loggers:
+    l.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    for l, lv in zip(loggers, levels):
+      l.setLevel(lv)
+
+
+def restore_newest_good(mngr, abstract_params, abstract_opt_state, abstract_rng):
+  """Resume: the newest checkpoint that restores, skipping (not deleting) bad ones.
+
+  Returns `(params, opt_state, rng, data_state, meta, step, skipped)`, with
+  `skipped` a list of `(step, one-line reason)` for the newer steps that did not
+  restore (truncated, bit-flipped, an item missing); None if there is no
+  checkpoint at all. Raises TrainError naming every step tried if none restores.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    return None
+  skipped = []
+  for step in steps:
+    try:
+      with _quiet_orbax():
+        params, opt_state, rng, data_state, meta = restore(
+            mngr, step, abstract_params, abstract_opt_state, abstract_rng)
+    except Exception as e:  # pylint: disable=broad-except  (any failure: unreadable)
+      skipped.append((int(step), short_reason(e)))
+      continue
+    return params, opt_state, rng, data_state, meta, int(step), skipped
+  tried = "; ".join(f"step {s}: {r}" for s, r in skipped)
+  raise TrainError(f"no checkpoint in {mngr.directory} restores (tried {tried}); they are "
+                   "left in place: move the checkpoints folder away to start afresh")
+
+
 def resolve_step(mngr, which):
   """'latest' | 'best' | int -> a saved step (ValueError if none)."""
   steps = mngr.all_steps()
@@ -104,26 +181,60 @@ def resolve_step(mngr, which):
   return int(which)
 
 
-def restore_params(workdir, which="latest"):
-  """(params, step): unboxed params as arrays on one local (CPU) device; no optimizer."""
-  absl_log = logging.getLogger("absl")
-  level = absl_log.level
-  absl_log.setLevel(logging.ERROR)  # read-only manager warnings
-  mngr = make_manager(workdir, async_save=False, read_only=True)
+def _restore_params_at(mngr, step):
+  """Unboxed params of `step` as arrays on one local (CPU) device."""
   try:
-    step = resolve_step(mngr, which)
     meta = mngr.item_metadata(step)["params"]
-    meta = getattr(meta, "tree", meta)
-    dev = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0]
-                                            if _has_cpu() else jax.local_devices()[0])
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), meta)
-    out = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract)))
-    return out.params, step
-  finally:
-    mngr.close()
-    absl_log.setLevel(level)
+  except KeyError:
+    meta = None
+  if meta is None:
+    raise FileNotFoundError("its params/ item is missing")
+  meta = getattr(meta, "tree", meta)
+  dev = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0]
+                                          if _has_cpu() else jax.local_devices()[0])
+  abstract = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), meta)
+  out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+  return out.params
+
+
+def restore_params(workdir, which="latest"):
+  """(params, step) for inference: unboxed params on one local (CPU) device; no optimizer.
+
+  Raises LoadError (one line) if there is no checkpoint, `which` names no saved
+  step, or the chosen step does not restore; then the message names the steps
+  that do ("checkpoint step 12 in D is unreadable (...); readable steps: 4, 8;
+  pass --checkpoint=8").
+  """
+  with _quiet_orbax():
+    mngr = make_manager(workdir, async_save=False, read_only=True)
+    try:
+      try:
+        step = resolve_step(mngr, which)
+      except ValueError as e:
+        raise LoadError(f"{workdir}: {e}") from None
+      try:
+        return _restore_params_at(mngr, step), step
+      except Exception as e:  # pylint: disable=broad-except  (any failure: unreadable)
+        reason = short_reason(e)
+      readable = []
+      for s in sorted(mngr.all_steps()):
+        if s == step:
+          continue
+        try:
+          _restore_params_at(mngr, s)
+          readable.append(int(s))
+        except Exception:  # pylint: disable=broad-except
+          pass
+      where = mngr.directory
+      if readable:
+        raise LoadError(f"checkpoint step {step} in {where} is unreadable ({reason}); readable "
+                        f"steps: {', '.join(map(str, readable))}; pass "
+                        f"--checkpoint={readable[-1]}")
+      raise LoadError(f"checkpoint step {step} in {where} is unreadable ({reason}); no other "
+                      "step is readable either; retrain or restore the checkpoints")
+    finally:
+      mngr.close()
 
 
 def _has_cpu():
@@ -137,11 +248,7 @@ def save_run_config(workdir, config):
   """Writes workdir/config.json (process 0 only)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+  workdir_lib.atomic_write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
 
 
 def load_run_config(workdir):

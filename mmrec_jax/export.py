@@ -11,8 +11,11 @@ readable without JAX:
     from safetensors.numpy import load_file
     weights = load_file("exported/tiny/model.safetensors")
 
-An existing non-empty `--out` is replaced only with `--force`; the folder is
-written to a temp dir beside it and renamed into place.
+An existing non-empty `--out` is replaced only with `--force`, and only if it
+holds a previous export and nothing else (`workdir.guard_replace`: never a
+training workdir, a checkpoint folder, a folder containing or inside one, the
+current or home directory); the folder is written to a temp dir beside it and
+renamed into place.
 """
 from __future__ import annotations
 
@@ -23,8 +26,12 @@ import tempfile
 
 import numpy as np
 
+from absl import flags
+
+from mmrec_jax import cli as cli_lib
 from mmrec_jax import loading as load_lib
-from mmrec_jax.loading import LoadError
+from mmrec_jax import workdir as workdir_lib
+from mmrec_jax.errors import LoadError
 
 
 def export(workdir, out, checkpoint="best", force=False):
@@ -32,13 +39,12 @@ def export(workdir, out, checkpoint="best", force=False):
   import jax  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   from mmrec_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-  out = os.path.abspath(out)
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise LoadError(f"--out={out} exists and is not a directory")
+  shown, out = out, os.path.abspath(out)
+  if os.path.realpath(workdir) == os.path.realpath(out):
+    raise LoadError("--out must differ from --workdir; pass a new folder for --out")
+  workdir_lib.guard_replace(shown, kind="export", flag="--out")   # even without --force
   if os.path.isdir(out) and os.listdir(out) and not force:
-    raise LoadError(f"--out={out} exists and is not empty; pass --force to replace it")
-  if os.path.abspath(workdir) == out:
-    raise LoadError("--out must differ from --workdir")
+    raise LoadError(f"--out={shown} holds a previous export; pass --force to replace it")
   _, variables, tok, config = load_lib.load(workdir, checkpoint)
   flat = {k: np.ascontiguousarray(jax.device_get(v))
           for k, v in load_lib.flatten(variables["params"]).items()}
@@ -67,7 +73,8 @@ def export(workdir, out, checkpoint="best", force=False):
     for name in os.listdir(tmp):
       os.chmod(os.path.join(tmp, name), 0o644)
     old = None
-    if os.path.isdir(out):
+    if os.path.lexists(out):
+      workdir_lib.guard_replace(shown, kind="export", flag="--out")  # again, just before
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old", dir=parent)
       os.rename(out, os.path.join(old, "x"))
     os.rename(tmp, out)
@@ -81,23 +88,20 @@ def export(workdir, out, checkpoint="best", force=False):
 
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  with load_lib.cli_errors():
-    meta = export(f.workdir, f.out, f.checkpoint, f.force)
-    print(f"exported step {meta['source']['step']} ({meta['params']:,} params) to "
-          f"{os.path.abspath(f.out)}")
+  meta = export(f.workdir, f.out, f.checkpoint, f.force)
+  print(f"exported step {meta['source']['step']} ({meta['params']:,} params) to "
+        f"{os.path.abspath(f.out)}")
 
 
 def cli():
-  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-multiple-import
   flags.DEFINE_string("workdir", None, "Training workdir (or an exported folder).")
   flags.DEFINE_string("out", None, "Output folder.")
   flags.DEFINE_string("checkpoint", "best", "best | latest | STEP.")
-  flags.DEFINE_bool("force", False, "Replace a non-empty --out.")
+  flags.DEFINE_bool("force", False, "Replace --out if it holds a previous export (and only "
+                    "then).")
   flags.mark_flags_as_required(["workdir", "out"])
-  logging.set_verbosity(logging.ERROR)
-  app.run(main)
+  cli_lib.run(main)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ Prompts: `--prompt` (repeat it for a batch; `--prompt=-` reads standard input)
 or `--prompt_file` (a `.jsonl` file holds one prompt per line, as a JSON string
 or an object with a "prompt" field; any other file is one prompt). One prompt
 streams its continuation; several are decoded as one batch and printed at the
-end. Generation stops at `<|eod|>` or after `--max_new_tokens`.
+end. Generation stops at `<|eod|>` or after `--max_new_tokens`. Ctrl-C stops
+cleanly (during loading or compiling too): the text streamed so far stays on
+stdout and the exit status is 130; a second Ctrl-C quits at once.
 """
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ import json
 import os
 import sys
 
-from mmrec_jax.loading import UsageError
+from absl import flags
+
+from mmrec_jax import cli as cli_lib
+from mmrec_jax.errors import UsageError
 
 
 def read_prompts(prompts, prompt_file=None, stdin=None):
@@ -62,9 +67,10 @@ def decode_bytes(tok, ids):
 
 
 def generate(model, variables, tok, prompts, max_new_tokens=200, temperature=0.8, top_k=0,
-             top_p=1.0, seed=0, stream=None, decoder=None):
+             top_p=1.0, seed=0, stream=None, decoder=None, stop=None):
   """Continuations (str) of `prompts` (str); with `stream` (a text file) and one
-  prompt, the text is written to it as it comes."""
+  prompt, the text is written to it as it comes. `stop`: a `cli.StopRequest`
+  checked before each streamed token (errors.Interrupted once it is set)."""
   from mmrec_jax import sampling  # pylint: disable=g-import-not-at-top
   from mmrec_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   dec = decoder or sampling.Decoder(model, tok.token_to_id(tok_lib.EOD),
@@ -76,10 +82,16 @@ def generate(model, variables, tok, prompts, max_new_tokens=200, temperature=0.8
 
     def on_tokens(tok_B, done_B):
       del done_B  # after <|eod|> come <|pad|> tokens: no bytes
+      if stop is not None and stop.requested:
+        stream.write(utf8.decode(b"", final=True) + "\n")
+        stream.flush()
+        stop.check("interrupted (the text so far is above)")
       stream.write(utf8.decode(decode_bytes(tok, tok_B[:1])))
       stream.flush()
   new = dec.generate(variables, ids, max_new_tokens, temperature, top_k, top_p, seed,
                      on_tokens=on_tokens)
+  if stop is not None and on_tokens is None:
+    stop.check()
   if on_tokens is not None:  # an incomplete UTF-8 sequence at the end becomes U+FFFD
     stream.write(utf8.decode(b"", final=True))
     stream.flush()
@@ -88,29 +100,28 @@ def generate(model, variables, tok, prompts, max_new_tokens=200, temperature=0.8
 
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
   from mmrec_jax import loading as load_lib  # pylint: disable=g-import-not-at-top
   from mmrec_jax import sampling  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  with load_lib.cli_errors():
+  with cli_lib.deferred_sigint() as stop:
     sampling.check_settings(f.max_new_tokens, f.temperature, f.top_k, f.top_p)
     prompts = read_prompts(f.prompt, f.prompt_file)
     model, variables, tok, _ = load_lib.load(f.workdir, f.checkpoint)
+    stop.check()
     if len(prompts) == 1:
       sys.stdout.write(prompts[0])
       sys.stdout.flush()
       generate(model, variables, tok, prompts, f.max_new_tokens, f.temperature, f.top_k,
-               f.top_p, f.seed, stream=sys.stdout)
+               f.top_p, f.seed, stream=sys.stdout, stop=stop)
       sys.stdout.write("\n")
     else:
       outs = generate(model, variables, tok, prompts, f.max_new_tokens, f.temperature, f.top_k,
-                      f.top_p, f.seed)
+                      f.top_p, f.seed, stop=stop)
       for i, (p, o) in enumerate(zip(prompts, outs)):
         print(f"=== [{i}] ===\n{p}{o}")
 
 
 def cli():
-  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-multiple-import
   flags.DEFINE_string("workdir", None, "Training workdir or exported folder.")
   flags.DEFINE_string("checkpoint", "best", "best | latest | STEP (workdirs only).")
   flags.DEFINE_multi_string("prompt", [], "Prompt text (repeatable); '-' reads stdin.")
@@ -121,8 +132,7 @@ def cli():
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1] (1: off).")
   flags.DEFINE_integer("seed", 0, "Random seed.")
   flags.mark_flag_as_required("workdir")
-  logging.set_verbosity(logging.ERROR)
-  app.run(main)
+  cli_lib.run(main)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,13 @@ import functools
 import json
 import os
 
+from absl import flags
+from ml_collections import config_flags
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from mmrec_jax.sources import DataError
+from mmrec_jax import cli as cli_lib
+from mmrec_jax.errors import DataError, UsageError
 
 EOD = "<|eod|>"
 PAD = "<|pad|>"
@@ -69,6 +72,27 @@ def load_tokenizer(path):
     return Tokenizer.from_file(path)
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f"{path}: not a valid tokenizer.json ({str(e)[:200]})") from None
+
+
+def load_extend(path, vocab_size):
+  """The tokenizer of `--extend=path` to grow to `vocab_size` (UsageError naming the flag)."""
+  if not os.path.isfile(path):
+    raise UsageError(f"--extend={path}: file not found; pass the tokenizer.json to extend")
+  try:
+    tok = Tokenizer.from_file(path)
+  except Exception as e:  # pylint: disable=broad-except
+    msg = " ".join(str(e).split())[:160]
+    raise UsageError(f"--extend={path}: not a valid tokenizer.json ({msg}); pass a file "
+                     "written by mmrec_jax.tokenizer") from None
+  n = tok.get_vocab_size()
+  if n > vocab_size:
+    raise UsageError(f"--extend={path} has {n} tokens, more than model.vocab_size="
+                     f"{vocab_size}; extending only adds tokens: raise "
+                     f"--config.model.vocab_size to at least {n}")
+  if tok.token_to_id(EOD) != 0 or tok.token_to_id(PAD) != 1:
+    raise UsageError(f"--extend={path}: expected {EOD} at id 0 and {PAD} at id 1; pass a "
+                     "tokenizer written by mmrec_jax.tokenizer")
+  return tok
 
 
 def save_tokenizer(tok, path):
@@ -156,14 +180,14 @@ def bytes_per_token(tok):
 
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
   from mmrec_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from mmrec_jax import sources  # pylint: disable=g-import-not-at-top
   cfg = config_lib.validate(flags.FLAGS.config)
   d = cfg.data
+  old = load_extend(flags.FLAGS.extend, cfg.model.vocab_size) if flags.FLAGS.extend else None
   texts = (t for _, t in sources.split_documents(d, "train", d.tokenizer_max_bytes))
-  if flags.FLAGS.extend:
-    tok = extend_tokenizer(load_tokenizer(flags.FLAGS.extend), texts, cfg.model.vocab_size)
+  if old is not None:
+    tok = extend_tokenizer(old, texts, cfg.model.vocab_size)
   else:
     tok = train_tokenizer(texts, cfg.model.vocab_size)
   check_tokenizer(tok, cfg.model.vocab_size, flags.FLAGS.out)
@@ -171,10 +195,14 @@ def main(argv):
   print(f"wrote {flags.FLAGS.out}: {tok.get_vocab_size()} tokens")
 
 
-if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file")
+def cli():
+  config_flags.DEFINE_config_file("config", None, cli_lib.config_help("mmrec_jax.train"),
+                                  lock_config=False)
+  flags.mark_flag_as_required("config")
   flags.DEFINE_string("extend", "", "tokenizer.json to extend (old ids keep their meaning)")
   flags.DEFINE_string("out", "tokenizer.json", "output tokenizer.json")
-  app.run(main)
+  cli_lib.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -11,52 +11,17 @@ import os
 
 import ml_collections
 
-SCAN_IMPLS = ("auto", "associative", "sequential", "chunked")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-DTYPES = ("float32", "bfloat16", "float16")
+from mmrec_jax import models
+from mmrec_jax.errors import ConfigError  # pylint: disable=unused-import (re-exported)
 
 
-class ConfigError(ValueError):
-  """A config value is invalid; the message names the field and what to do."""
-
-
-def make_config(name, *, vocab_size, d_model, n_layers, n_heads, max_seq_len,
-                use_dpg=False, use_uboo=False, use_moe=False, **model_overrides):
-  """The full ConfigDict of one size of the ladder."""
+def make_config(name, kind="mmrec", **model_fields):
+  """The full ConfigDict of one model size: the model section comes from the model's
+  schema (`mmrec_jax.models`, the only place its defaults live) with `model_fields`
+  set; the other sections have shared defaults."""
   c = ml_collections.ConfigDict()
-  m = c.model = ml_collections.ConfigDict()
-  m.name = name
-  m.vocab_size = vocab_size
-  m.d_model = d_model
-  m.n_layers = n_layers
-  m.n_heads = n_heads
-  m.max_seq_len = max_seq_len
-  m.ffn_mult = 4
-  m.mdi_hidden_div = 4          # f_base / f_ctx hidden width = D / mdi_hidden_div
-  # Long-term memory (HDS): chunks of `chunk_size` tokens; `mem_levels` levels of
-  # `mem_slots` slots, level l holding means of 2**l chunk summaries.
-  m.chunk_size = 64
-  m.mem_slots = 8
-  m.mem_levels = 4
-  m.scan_impl = "auto"          # auto | associative | sequential | chunked
-  m.scan_chunk = 64             # chunk length of the `chunked` scan
-  m.dropout = 0.0
-  m.use_dpg = use_dpg
-  m.dpg_rank = max(d_model // 16, 8)
-  m.use_moe = use_moe
-  m.moe_experts = 8
-  m.moe_capacity_factor = 1.25
-  m.moe_loss_weight = 0.01
-  m.use_uboo = use_uboo
-  m.uboo_weight = 0.1           # lambda_P
-  m.dtype = "float32"           # compute dtype
-  m.param_dtype = "float32"
-  m.scan_layers = True
-  m.remat = "none"              # none | full | dots | dots_no_batch
-  for k, v in model_overrides.items():
-    if k not in m:
-      raise ConfigError(f"make_config: unknown model field {k!r}")
-    m[k] = v
+  c.model = ml_collections.ConfigDict(
+      models.schema(kind).from_dict(dict(model_fields, kind=kind, name=name)).to_dict())
 
   d = c.data = ml_collections.ConfigDict()
   d.path = ""                   # empty: the built-in corpus (Python stdlib sources)
@@ -73,6 +38,7 @@ def make_config(name, *, vocab_size, d_model, n_layers, n_heads, max_seq_len,
 
   t = c.train = ml_collections.ConfigDict()
   t.steps = 1000
+  t.epochs = 0.0                # > 0: train this many passes over the training windows instead
   t.batch_size = 4
   t.seq_len = 512
   t.lr = 3e-3
@@ -84,7 +50,7 @@ def make_config(name, *, vocab_size, d_model, n_layers, n_heads, max_seq_len,
   t.grad_clip = 1.0
   t.grad_accum = 1
   t.eval_every = 200
-  t.eval_batches = 8
+  t.eval_batches = 0            # validation batches per evaluation (0: the whole split)
   t.early_stopping_patience = 0  # evaluations without improvement; 0 disables
   t.early_stopping_min_delta = 0.0  # an improvement must lower val loss by more than this
   t.seed = 0
@@ -110,35 +76,8 @@ def _check(cond, msg):
 
 
 def validate_model(m):
-  """Checks the model section; raises ConfigError naming the field and the fix."""
-  for f in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "ffn_mult",
-            "chunk_size", "mem_slots", "mem_levels", "scan_chunk", "mdi_hidden_div"):
-    _check(isinstance(m[f], int) and m[f] > 0,
-           f"model.{f} must be a positive integer, got {m[f]!r}")
-  _check(m.d_model % m.n_heads == 0,
-         f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
-         "choose a width that is a multiple of the head count")
-  _check(m.d_model % m.mdi_hidden_div == 0,
-         f"model.d_model={m.d_model} is not divisible by model.mdi_hidden_div={m.mdi_hidden_div}")
-  _check(m.scan_impl in SCAN_IMPLS,
-         f"model.scan_impl={m.scan_impl!r} is unknown; use one of {', '.join(SCAN_IMPLS)}")
-  _check(m.remat in REMAT_POLICIES,
-         f"model.remat={m.remat!r} is unknown; use one of {', '.join(REMAT_POLICIES)}")
-  _check(m.dtype in DTYPES, f"model.dtype={m.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
-  _check(m.param_dtype in DTYPES,
-         f"model.param_dtype={m.param_dtype!r} is unknown; use one of {', '.join(DTYPES)}")
-  _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
-  if m.use_dpg:
-    _check(isinstance(m.dpg_rank, int) and 0 < m.dpg_rank <= m.d_model,
-           f"model.dpg_rank={m.dpg_rank} must be in 1..d_model")
-  if m.use_moe:
-    _check(isinstance(m.moe_experts, int) and m.moe_experts >= 2,
-           f"model.moe_experts={m.moe_experts} must be an integer >= 2 (top-2 routing)")
-    _check(m.moe_capacity_factor > 0,
-           f"model.moe_capacity_factor={m.moe_capacity_factor} must be positive")
-    _check(m.moe_loss_weight >= 0, "model.moe_loss_weight must be >= 0")
-  if m.use_uboo:
-    _check(m.uboo_weight >= 0, "model.uboo_weight must be >= 0")
+  """The model section's schema instance; ConfigError naming the field and the fix."""
+  return models.make_config(m)
 
 
 def validate(c):
@@ -149,6 +88,9 @@ def validate(c):
   t = c.train
   for f in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "log_every"):
     _check(isinstance(t[f], int) and t[f] > 0, f"train.{f} must be a positive integer, got {t[f]!r}")
+  _check(t.epochs >= 0, f"train.epochs={t.epochs} must be >= 0 (0: use train.steps)")
+  _check(isinstance(t.eval_batches, int) and t.eval_batches >= 0,
+         f"train.eval_batches={t.eval_batches!r} must be an integer >= 0 (0: the whole split)")
   _check(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
   _check(t.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0")
   _check(t.early_stopping_min_delta >= 0, "train.early_stopping_min_delta must be >= 0")
@@ -183,16 +125,3 @@ def load_config_file(path):
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return validate(mod.get_config())
-
-
-def model_config_from_dict(d):
-  """A model ConfigDict from a plain dict (e.g. read from config.json), validated."""
-  base = make_config(d.get("name", "custom"), vocab_size=d["vocab_size"], d_model=d["d_model"],
-                     n_layers=d["n_layers"], n_heads=d["n_heads"], max_seq_len=d["max_seq_len"])
-  m = base.model
-  for k, v in d.items():
-    if k not in m:
-      raise ConfigError(f"unknown model field {k!r} in saved config")
-    m[k] = v
-  validate_model(m)
-  return m

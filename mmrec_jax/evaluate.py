@@ -17,12 +17,20 @@ model extrapolates and uses the longer context.
 from __future__ import annotations
 
 import json
-import math
 import os
 
+import jax
 import numpy as np
+from absl import flags
 
-from mmrec_jax.loading import UsageError
+from mmrec_jax import cli
+from mmrec_jax import data
+from mmrec_jax import loading as load_lib
+from mmrec_jax import loss as loss_lib
+from mmrec_jax import metrics as metrics_lib
+from mmrec_jax import tokenizer as tok_lib
+from mmrec_jax import workdir as workdir_lib
+from mmrec_jax.errors import UsageError
 
 TABLE = "loss_by_position.tsv"
 PLOT = "loss_by_position.png"
@@ -30,7 +38,6 @@ PLOT = "loss_by_position.png"
 
 def eval_tokens(config, tok, data_path=None):
   """Token ids (each document preceded by `<|eod|>`) of `data_path` or the val split."""
-  from mmrec_jax import data  # pylint: disable=g-import-not-at-top
   text_field = config.data.text_field if "data" in config else "text"
   if data_path:
     parts = list(data.encode_documents(data.read_documents(data_path, text_field), tok))
@@ -45,8 +52,6 @@ def eval_tokens(config, tok, data_path=None):
 
 def make_batches(tokens, tok, seq_len, batch_size=8, max_batches=None):
   """Validation batches (with 'bytes'); UsageError if `tokens` fill no window."""
-  from mmrec_jax import data  # pylint: disable=g-import-not-at-top
-  from mmrec_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   if len(tokens) < seq_len + 1:
     raise UsageError(f"the evaluation data has {len(tokens)} tokens, fewer than one window of "
                      f"seq_len+1={seq_len + 1}; use more text or a smaller --seq_len")
@@ -56,37 +61,11 @@ def make_batches(tokens, tok, seq_len, batch_size=8, max_batches=None):
       max_batches=max_batches)
 
 
-def _nll(logits_BTV, targets_BT):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-  nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
-  return nll_BT, correct_BT
-
-
 def evaluate(model, variables, batches):
-  """{'loss', 'perplexity', 'bits_per_byte', 'token_accuracy', 'tokens'} over `batches`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  @jax.jit
-  def step(variables, inputs_BT, targets_BT, reset_BT, mask_BT):
-    logits_BTV, _, _ = model.apply(variables, inputs_BT, reset=reset_BT)
-    nll_BT, correct_BT = _nll(logits_BTV, targets_BT)
-    return jnp.sum(nll_BT * mask_BT), jnp.sum(correct_BT * mask_BT)
-
-  nll = correct = n = n_bytes = 0.0
-  for b in batches:
-    mask = np.asarray(b["mask"], np.float32)
-    s, c = step(variables, b["inputs"], b["targets"], b["reset"], mask)
-    nll, correct = nll + float(s), correct + float(c)
-    n += float(mask.sum())
-    n_bytes += float(np.sum(np.asarray(b["bytes"]) * (mask > 0)))
-  loss = nll / max(n, 1.0)
-  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-          "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else float("nan"),
-          "token_accuracy": correct / max(n, 1.0), "tokens": int(n)}
+  """`loss.summarize` metrics ('loss', 'perplexity', 'bits_per_byte', 'token_accuracy',
+  'tokens') over `batches`, every window from a fresh state."""
+  step = jax.jit(loss_lib.make_eval_step(model))
+  return loss_lib.evaluate(step, variables["params"], batches)
 
 
 def long_windows(tokens, eod_id, pad_id, length, max_docs=64):
@@ -116,8 +95,6 @@ def loss_by_position(model, variables, tokens, eod_id, pad_id, seq_len, multiple
   Windows are streamed in pieces of `seq_len` with the state carried (one
   compiled step), so the model sees `multiple` times its training length.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   length = multiple * seq_len
   inputs, targets, mask = long_windows(tokens, eod_id, pad_id, length, max_docs)
   if not len(inputs) or mask.sum() == 0:
@@ -127,7 +104,7 @@ def loss_by_position(model, variables, tokens, eod_id, pad_id, seq_len, multiple
   def piece(variables, inputs_BT, targets_BT, state):
     logits_BTV, state, _ = model.apply(variables, inputs_BT, state=state,
                                        reset=inputs_BT == eod_id)
-    return _nll(logits_BTV, targets_BT)[0], state
+    return loss_lib.token_nll(logits_BTV, targets_BT)[0], state
 
   sums, counts = np.zeros(length), np.zeros(length)
   for b0 in range(0, len(inputs), batch_size):
@@ -161,64 +138,47 @@ def write_loss_by_position(out_dir, rows, seq_len):
   """Writes TABLE and PLOT into `out_dir`; returns their paths."""
   os.makedirs(out_dir, exist_ok=True)
   tsv, png = os.path.join(out_dir, TABLE), os.path.join(out_dir, PLOT)
-  with open(tsv + ".tmp", "w") as f:
-    f.write("position_start\tposition_end\ttokens\tloss\n")
-    for r in rows:
-      f.write(f"{r[0]}\t{r[1]}\t{r[2]}\t{r[3]:.6f}\n")
-  os.replace(tsv + ".tmp", tsv)
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(7, 4))
-  ax.plot([(r[0] + r[1]) / 2 for r in rows], [r[3] for r in rows], marker=".")
-  ax.axvline(seq_len, color="gray", linestyle="--", label=f"train.seq_len={seq_len}")
-  ax.set_xlabel("position in document (tokens)")
-  ax.set_ylabel("loss (nats / token)")
-  ax.set_title("Loss by position")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(png, dpi=100)
-  plt.close(fig)
+  workdir_lib.atomic_write(tsv, "position_start\tposition_end\ttokens\tloss\n" + "".join(
+      f"{r[0]}\t{r[1]}\t{r[2]}\t{r[3]:.6f}\n" for r in rows))
+  metrics_lib.plot_lines(
+      png, {"loss": ([(r[0] + r[1]) / 2 for r in rows], [r[3] for r in rows], ".-")},
+      "position in document (tokens)", "loss (nats / token)", "Loss by position",
+      vline=(seq_len, f"train.seq_len={seq_len}"))
   return tsv, png
 
 
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from mmrec_jax import loading as load_lib  # pylint: disable=g-import-not-at-top
-  from mmrec_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  with load_lib.cli_errors():
-    for name in ("batch_size", "long_context", "max_docs"):
-      if f[name].value < (1 if name != "long_context" else 0):
-        raise UsageError(f"--{name}={f[name].value} is out of range")
-    if f.seq_len is not None and f.seq_len < 1:
-      raise UsageError(f"--seq_len={f.seq_len} must be positive")
-    model, variables, tok, config = load_lib.load(f.workdir, f.checkpoint)
-    seq_len = f.seq_len or config.train.seq_len
-    tokens = eval_tokens(config, tok, f.data)
-    batches = make_batches(tokens, tok, seq_len, f.batch_size, f.max_batches)
-    res = evaluate(model, variables, batches)
-    print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.2f}  bits/byte "
-          f"{res['bits_per_byte']:.4f}  token accuracy {res['token_accuracy']:.4f}  "
-          f"({res['tokens']:,} tokens, seq_len {seq_len})")
-    if f.long_context:
-      sums, counts = loss_by_position(
-          model, variables, tokens, tok.token_to_id(tok_lib.EOD), tok.token_to_id(tok_lib.PAD),
-          seq_len, f.long_context, f.batch_size, f.max_docs)
-      length = seq_len * f.long_context
-      rows = bucket_table(sums, counts, f.bucket or max(1, length // 64))
-      tsv, png = write_loss_by_position(f.out or f.workdir, rows, seq_len)
-      inside = sums[:seq_len].sum() / max(counts[:seq_len].sum(), 1)
-      beyond = sums[seq_len:].sum() / max(counts[seq_len:].sum(), 1)
-      print(f"loss by position: {inside:.4f} within train.seq_len={seq_len}, {beyond:.4f} in "
-            f"[{seq_len}, {length}) ({int(counts[seq_len:].sum()):,} tokens); {tsv}, {png}")
-    if f.json:
-      print(json.dumps(res))
+  for name in ("batch_size", "long_context", "max_docs"):
+    if f[name].value < (1 if name != "long_context" else 0):
+      raise UsageError(f"--{name}={f[name].value} is out of range")
+  if f.seq_len is not None and f.seq_len < 1:
+    raise UsageError(f"--seq_len={f.seq_len} must be positive")
+  model, variables, tok, config = load_lib.load(f.workdir, f.checkpoint)
+  seq_len = f.seq_len or config.train.seq_len
+  tokens = eval_tokens(config, tok, f.data)
+  batches = make_batches(tokens, tok, seq_len, f.batch_size, f.max_batches)
+  res = evaluate(model, variables, batches)
+  print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.2f}  bits/byte "
+        f"{res['bits_per_byte']:.4f}  token accuracy {res['token_accuracy']:.4f}  "
+        f"({res['tokens']:,} tokens, seq_len {seq_len})")
+  if f.long_context:
+    sums, counts = loss_by_position(
+        model, variables, tokens, tok.token_to_id(tok_lib.EOD), tok.token_to_id(tok_lib.PAD),
+        seq_len, f.long_context, f.batch_size, f.max_docs)
+    length = seq_len * f.long_context
+    rows = bucket_table(sums, counts, f.bucket or max(1, length // 64))
+    tsv, png = write_loss_by_position(f.out or f.workdir, rows, seq_len)
+    inside = sums[:seq_len].sum() / max(counts[:seq_len].sum(), 1)
+    beyond = sums[seq_len:].sum() / max(counts[seq_len:].sum(), 1)
+    print(f"loss by position: {inside:.4f} within train.seq_len={seq_len}, {beyond:.4f} in "
+          f"[{seq_len}, {length}) ({int(counts[seq_len:].sum()):,} tokens); {tsv}, {png}")
+  if f.json:
+    print(json.dumps(res))
 
 
-def cli():
-  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-multiple-import
+def entry():
   flags.DEFINE_string("workdir", None, "Training workdir or exported folder.")
   flags.DEFINE_string("checkpoint", "best", "best | latest | STEP (workdirs only).")
   flags.DEFINE_string("data", None, "File, directory or glob to evaluate (default: val split).")
@@ -231,9 +191,8 @@ def cli():
   flags.DEFINE_integer("bucket", 0, "Positions per table row (0: 1/64 of the window).")
   flags.DEFINE_string("out", None, "Folder for loss_by_position.* (default: the workdir).")
   flags.mark_flag_as_required("workdir")
-  logging.set_verbosity(logging.ERROR)
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":
-  cli()
+  entry()

@@ -12,13 +12,22 @@ is unpickled or executed. Parameter shapes are checked against the config.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import sys
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file
+
+from mmrec_jax import checkpoint as ckpt_lib
+from mmrec_jax import models
+from mmrec_jax import tokenizer as tok_lib
+from mmrec_jax.errors import ConfigError, DataError, LoadError
+from mmrec_jax.errors import UsageError  # pylint: disable=unused-import (re-exported)
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -26,32 +35,14 @@ TOKENIZER_FILE = "tokenizer.json"
 EXPORT_FORMAT = "mmrec_jax.export/1"
 
 
-class LoadError(ValueError):
-  """A model cannot be loaded (missing files, bad config, shape mismatch); one line."""
-
-
-def flatten(tree, prefix=""):
-  """{'a': {'b': x}} -> {'a/b': x}."""
-  out = {}
-  for k, v in tree.items():
-    name = f"{prefix}{k}"
-    if hasattr(v, "items"):
-      out.update(flatten(v, name + "/"))
-    else:
-      out[name] = v
-  return out
+def flatten(tree):
+  """{'a': {'b': x}} -> {'a/b': x} (the parameter names of exports)."""
+  return traverse_util.flatten_dict(tree, sep="/")
 
 
 def unflatten(flat):
   """{'a/b': x} -> {'a': {'b': x}}."""
-  tree = {}
-  for name, v in flat.items():
-    *parents, leaf = name.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def is_export(path):
@@ -68,8 +59,6 @@ def _read_json(path):
 
 def read_config(path):
   """The ConfigDict of a workdir or export (model section validated)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from mmrec_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(path):
     raise LoadError(f"{path!r} is not a directory; pass a training workdir or an exported folder")
   cpath = os.path.join(path, CONFIG_FILE)
@@ -79,34 +68,31 @@ def read_config(path):
   if "model" not in cfg:
     raise LoadError(f"{cpath} has no 'model' section")
   try:
-    config_lib.model_config_from_dict(cfg.model.to_dict())
-  except (config_lib.ConfigError, KeyError) as e:
+    models.make_config(cfg.model)
+  except ConfigError as e:
     raise LoadError(f"{cpath}: bad model config ({e})") from None
   return cfg
 
 
 def _read_tokenizer(path, vocab_size):
-  from mmrec_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   tpath = os.path.join(path, TOKENIZER_FILE)
   if not os.path.isfile(tpath):
     raise LoadError(f"{tpath} not found; the run directory is incomplete")
   try:
     return tok_lib.check_tokenizer(tok_lib.load_tokenizer(tpath), vocab_size, tpath)
-  except tok_lib.DataError as e:
+  except DataError as e:
     raise LoadError(str(e)) from None
 
 
 def _read_params(path, checkpoint):
   """(params, step) from an export or an Orbax workdir."""
   if is_export(path):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     meta = _read_json(os.path.join(path, CONFIG_FILE))
     try:
       flat = load_file(os.path.join(path, WEIGHTS_FILE))
     except Exception as e:  # pylint: disable=broad-except
       raise LoadError(f"cannot read {path}/{WEIGHTS_FILE}: {str(e)[:200]}") from None
     return unflatten(flat), meta.get("source", {}).get("step")
-  from mmrec_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(ckpt_lib.checkpoint_dir(path)):
     raise LoadError(f"no checkpoints in {path!r}; train first (python -m mmrec_jax.train)")
   if checkpoint not in ("best", "latest"):
@@ -119,6 +105,8 @@ def _read_params(path, checkpoint):
   absl_log.setLevel(logging.ERROR)   # Orbax's read-only notices
   try:
     params, step = ckpt_lib.restore_params(path, checkpoint)
+  except LoadError:
+    raise
   except (ValueError, FileNotFoundError) as e:
     raise LoadError(f"{path}: {' '.join(str(e).split())[:300]}") from None
   finally:
@@ -128,8 +116,7 @@ def _read_params(path, checkpoint):
 
 def check_shapes(params, model):
   """LoadError naming the first parameter whose name or shape differs from `model`'s."""
-  from mmrec_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  want = {k: tuple(v.shape) for k, v in flatten(model_lib.param_shapes(model)).items()}
+  want = {k: tuple(v.shape) for k, v in flatten(models.param_shapes(model)).items()}
   got = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
   for k in sorted(set(want) | set(got)):
     if k not in got:
@@ -149,38 +136,18 @@ def load(path, checkpoint="best"):
     path: training workdir or `mmrec_jax.export` output folder.
     checkpoint: 'best' | 'latest' | step (workdirs only; ignored for exports).
   Returns:
-    model: `MMRec` (Flax linen); variables: {'params': ...} of jax arrays;
-    tokenizer: `tokenizers.Tokenizer`; config: the run's ConfigDict.
+    model: the Flax module (`models.build(config.model)`);
+    variables: {'params': ...} of jax arrays; tokenizer: `tokenizers.Tokenizer`; config: the run's ConfigDict.
   Raises:
     LoadError: missing files, bad config, or parameters that do not fit it.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from mmrec_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   cfg = read_config(path)
-  mcfg = model_lib.ModelConfig.from_config(cfg.model)
-  model = model_lib.MMRec(mcfg)
-  tok = _read_tokenizer(path, mcfg.vocab_size)
+  model = models.build(cfg.model)
+  tok = _read_tokenizer(path, model.cfg.vocab_size)
   params, step = _read_params(path, checkpoint)
   check_shapes(params, model)
-  params = jax.tree.map(lambda x: jax.numpy.asarray(x, mcfg.params_dtype), params)
+  params = jax.tree.map(lambda x: jnp.asarray(x, model.cfg.params_dtype), params)
   with cfg.unlocked():
     cfg.loaded_step = step
   return model, {"params": params}, tok, cfg
-
-
-@contextlib.contextmanager
-def cli_errors():
-  """Turns bad-input exceptions into `error: ...` on stderr and exit code 2."""
-  from mmrec_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from mmrec_jax import sources  # pylint: disable=g-import-not-at-top
-  try:
-    yield
-  except (LoadError, UsageError, config_lib.ConfigError, sources.DataError) as e:
-    msg = " ".join(str(e).split())
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-class UsageError(ValueError):
-  """A bad command-line value (prompt, sampling setting, data); one line."""

@@ -12,8 +12,9 @@ the key and value of pooled summaries):
   hold means of 2**l chunk summaries;
 - the last level drops what it evicts.
 
-So L levels of S slots cover S * (2**L - 1) chunks with L * (S + 1) slots
-(the pending slots are readable too). A token reads only memory written by
+So L levels of S slots cover S * (2**L - 1) chunks with L * (S + 1) - 1
+readable slots (the pending slots of levels >= 1 are readable too; level 0 has
+no pending slot: a summary enters it directly). A token reads only memory written by
 chunks before its own (block-causal).
 
 Training computes every chunk's summary in parallel, runs the memory writes as
@@ -27,50 +28,61 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class Memory:
+  """The slots of one sequence (leading batch / layer axes may be added by callers)."""
+  slots: jax.Array    # [levels, slots, width] float32: key and value of each summary
+  valid: jax.Array    # [levels, slots] bool
+  pend: jax.Array     # [levels - 1, width] float32: level l+1's evicted item waiting for a partner
+  pend_n: jax.Array   # [levels - 1] int32: 0 or 1 items waiting
+
+
+def readable_slots(levels, slots):
+  """How many slots `readable` returns: all slots, and the pending ones of levels >= 1."""
+  return levels * slots + levels - 1
 
 
 def empty_memory(levels, slots, width):
   """The memory of one sequence at a document start (`width` per slot: key and value)."""
-  return {
-      "slots": jnp.zeros((levels, slots, width), jnp.float32),
-      "valid": jnp.zeros((levels, slots), bool),
-      "pend": jnp.zeros((levels, width), jnp.float32),
-      "pend_n": jnp.zeros((levels,), jnp.int32),
-  }
+  return Memory(slots=jnp.zeros((levels, slots, width), jnp.float32),
+                valid=jnp.zeros((levels, slots), bool),
+                pend=jnp.zeros((levels - 1, width), jnp.float32),
+                pend_n=jnp.zeros((levels - 1,), jnp.int32))
 
 
 def write(mem, s_D):
   """Writes one chunk's key+value vector; cascades evictions into coarser levels."""
-  slots, valid, pend, pend_n = mem["slots"], mem["valid"], mem["pend"], mem["pend_n"]
+  slots, valid, pend, pend_n = mem.slots, mem.valid, mem.pend, mem.pend_n
   levels = slots.shape[0]
   new_slots, new_valid, new_pend, new_pend_n = [], [], [], []
   x_D, has = s_D, jnp.array(True)
   for l in range(levels):
     if l > 0:  # the item evicted from level l-1 waits for a partner
-      p_D = pend[l] + jnp.where(has, x_D, 0.0)
-      n = pend_n[l] + has.astype(jnp.int32)
+      p_D = pend[l - 1] + jnp.where(has, x_D, 0.0)
+      n = pend_n[l - 1] + has.astype(jnp.int32)
       full = n == 2
       x_D, has = p_D / 2.0, full
       new_pend.append(jnp.where(full, 0.0, p_D))
       new_pend_n.append(jnp.where(full, 0, n))
-    else:
-      new_pend.append(pend[0])
-      new_pend_n.append(pend_n[0])
     evicted_D, evicted_valid = slots[l, -1], valid[l, -1]
     pushed_SD = jnp.concatenate([x_D[None], slots[l, :-1]], axis=0)
     pushed_S = jnp.concatenate([jnp.ones((1,), bool), valid[l, :-1]], axis=0)
     new_slots.append(jnp.where(has, pushed_SD, slots[l]))
     new_valid.append(jnp.where(has, pushed_S, valid[l]))
     x_D, has = evicted_D, has & evicted_valid
-  return {"slots": jnp.stack(new_slots), "valid": jnp.stack(new_valid),
-          "pend": jnp.stack(new_pend), "pend_n": jnp.stack(new_pend_n)}
+  stack = lambda xs, like: jnp.stack(xs) if xs else jnp.zeros_like(like)
+  return Memory(slots=jnp.stack(new_slots), valid=jnp.stack(new_valid),
+                pend=stack(new_pend, pend), pend_n=stack(new_pend_n, pend_n))
 
 
 def readable(mem):
-  """The readable slots [M, D] and their mask [M], M = levels * (slots + 1)."""
-  levels, slots, width = mem["slots"].shape
-  m_MD = jnp.concatenate([mem["slots"].reshape(levels * slots, width), mem["pend"]], axis=0)
-  v_M = jnp.concatenate([mem["valid"].reshape(-1), mem["pend_n"] > 0], axis=0)
+  """The readable slots [M, D] and their mask [M], M = readable_slots(levels, slots)."""
+  levels, slots, width = mem.slots.shape
+  m_MD = jnp.concatenate([mem.slots.reshape(levels * slots, width), mem.pend], axis=0)
+  v_M = jnp.concatenate([mem.valid.reshape(-1), mem.pend_n > 0], axis=0)
   return m_MD, v_M
 
 

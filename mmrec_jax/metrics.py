@@ -11,7 +11,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from mmrec_jax import workdir as workdir_lib
 
 # Dense bf16 peak FLOP/s per device by device_kind substring (vendor figures).
 VENDOR_PEAK_FLOPS = (
@@ -61,74 +62,92 @@ def format_eta(seconds):
   return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-class Writer:
-  """metrics.jsonl + TensorBoard (tensorboardX) + in-memory history for loss.png."""
+def plot_lines(path, series, xlabel, ylabel, title=None, vline=None):
+  """Writes a PNG of line plots: `series` is {label: (xs, ys, style)}; `vline` is
+  (x, label) for a dashed vertical line. The one matplotlib (Agg) setup."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for label, (xs, ys, style) in series.items():
+    ax.plot(xs, ys, style, label=label, markersize=3)
+  if vline is not None:
+    ax.axvline(vline[0], color="gray", linestyle="--", label=vline[1])
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if title:
+    ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
-  def __init__(self, workdir, enabled=True):
+
+class Writer:
+  """metrics.jsonl + TensorBoard (tensorboardX) + the records behind loss.png.
+
+  On resume (`resume_step`), records of steps after it (they are redone) are
+  dropped from metrics.jsonl, so every step appears once.
+  """
+
+  def __init__(self, workdir, enabled=True, resume_step=0):
     self.enabled = enabled and jax.process_index() == 0
     self.workdir = workdir
-    self.history = {"train": [], "val": []}
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._records = []
     self._tb = None
     self._jsonl = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._load(resume_step)
+      self._jsonl = open(self.path, "a")
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
       except Exception:  # pylint: disable=broad-except
         self._tb = None
-      self._load_history()
 
-  def _load_history(self):
-    path = os.path.join(self.workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+  def _load(self, resume_step):
+    if not os.path.exists(self.path):
       return
-    with open(path) as f:
+    with open(self.path) as f:
       for line in f:
         try:
           rec = json.loads(line)
         except ValueError:
           continue
-        if rec.get("split") in self.history and "loss" in rec:
-          self.history[rec["split"]].append((rec["step"], rec["loss"]))
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+          if rec["step"] <= resume_step:
+            self._records.append(rec)
+    text = "".join(json.dumps(r) + "\n" for r in self._records)
+    workdir_lib.atomic_write(self.path, text)
+
+  def records(self, split):
+    return [r for r in self._records if r.get("split") == split and "loss" in r]
 
   def write(self, step, split, scalars):
     """Logs a dict of scalars for `split` ('train' | 'val') at `step`."""
     if not self.enabled:
       return
-    scalars = {k: float(v) for k, v in scalars.items()}
-    if "loss" in scalars:
-      # On resume, drop history entries past this step (they were redone).
-      hist = self.history[split]
-      while hist and hist[-1][0] >= step:
-        hist.pop()
-      hist.append((step, scalars["loss"]))
-    self._jsonl.write(json.dumps({"step": int(step), "split": split, **scalars}) + "\n")
+    rec = {"step": int(step), "split": split, **{k: float(v) for k, v in scalars.items()}}
+    self._records.append(rec)
+    self._jsonl.write(json.dumps(rec) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
       for k, v in scalars.items():
-        self._tb.add_scalar(f"{split}/{k}", v, step)
+        self._tb.add_scalar(f"{split}/{k}", float(v), step)
 
   def plot(self):
     """Writes workdir/loss.png with the train and val curves."""
-    if not self.enabled or not self.history["train"]:
+    if not self.enabled or not self.records("train"):
       return
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-    fig, ax = plt.subplots(figsize=(7, 4))
+    series = {}
     for split, style in (("train", "-"), ("val", "o-")):
-      if self.history[split]:
-        xs, ys = zip(*self.history[split])
-        ax.plot(xs, ys, style, label=split, markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(self.workdir, "loss.png"), dpi=100)
-    plt.close(fig)
+      recs = self.records(split)
+      if recs:
+        series[split] = ([r["step"] for r in recs], [r["loss"] for r in recs], style)
+    plot_lines(os.path.join(self.workdir, "loss.png"), series, "step", "loss (nats/token)")
 
   def close(self):
     if self._jsonl:
@@ -170,5 +189,6 @@ def mfu(tokens_per_s, flops_per_token_train, peak_total):
   return tokens_per_s * flops_per_token_train / max(peak_total, 1.0)
 
 
-def finite(x):
-  return bool(np.all(np.isfinite(np.asarray(x))))
+@jax.jit
+def all_finite(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))

@@ -6,48 +6,46 @@ The last line is `total_params: N`.
 """
 from __future__ import annotations
 
-import sys
 from collections import defaultdict
 
-from absl import app, flags
+import numpy as np
+from absl import flags
+from flax import traverse_util
 from ml_collections import config_flags
 
+from mmrec_jax import cli
 from mmrec_jax import config as config_lib
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path of a config file.", lock_config=True)
-_DEPTH = flags.DEFINE_integer("depth", 2, "How many levels of module names to group by.")
+from mmrec_jax import models
 
 
 def count_by_module(model_cfg, depth=2):
   """{module path (first `depth` names): count} and the total, from shapes only."""
-  import jax
-  import numpy as np
-  from mmrec_jax import model as model_lib
-  model = model_lib.MMRec(model_lib.ModelConfig.from_config(model_cfg))
-  shapes = model_lib.param_shapes(model)
+  shapes = models.param_shapes(models.build(model_cfg))
   counts = defaultdict(int)
-  for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
-    names = [getattr(p, "key", str(p)) for p in path]
-    counts["/".join(names[:depth])] += int(np.prod(leaf.shape))
+  for path, leaf in traverse_util.flatten_dict(shapes).items():
+    counts["/".join(path[:depth])] += int(np.prod(leaf.shape))
   return dict(counts), sum(counts.values())
 
 
 def main(argv):
   del argv
-  if _CONFIG.value is None:
-    sys.exit("error: pass --config=configs/NAME.py")
-  try:
-    cfg = config_lib.validate(_CONFIG.value)
-  except config_lib.ConfigError as e:
-    sys.exit(f"error: {e}")
-  counts, total = count_by_module(cfg.model, _DEPTH.value)
+  cfg = config_lib.validate(flags.FLAGS.config)
+  counts, total = count_by_module(cfg.model, flags.FLAGS.depth)
   width = max(len(k) for k in counts)
-  print(f"model {cfg.model.name}: d_model={cfg.model.d_model} n_layers={cfg.model.n_layers} "
-        f"n_heads={cfg.model.n_heads} vocab={cfg.model.vocab_size}")
+  m = cfg.model
+  print(f"model {m.name} ({m.kind}): d_model={m.d_model} n_layers={m.n_layers} "
+        f"n_heads={m.n_heads} vocab={m.vocab_size}")
   for k in sorted(counts):
     print(f"  {k:<{width}}  {counts[k]:>15,}")
   print(f"total_params: {total}")
 
 
+def entry():
+  config_flags.DEFINE_config_file("config", None, "Path of a config file.", lock_config=True)
+  flags.DEFINE_integer("depth", 2, "How many levels of module names to group by.")
+  flags.mark_flag_as_required("config")
+  cli.run(main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  entry()

@@ -8,7 +8,9 @@ with reset=True at the `<|eod|>`, so every row starts from a fresh state and
 a batch decodes exactly as each prompt alone. The prompt is prefilled by one
 parallel `apply`; decoding then feeds one token at a time through the
 recurrent state, in a `lax.while_loop` (or, to stream, a jitted step called
-from Python). Row r of step i samples with `fold_in(fold_in(key, i), r)`.
+from Python). Each prompt has its own seed (one int seed: the same for every
+prompt); new token i of a prompt samples with `fold_in(key(seed), i)`, so a
+prompt gives the same tokens alone or in any batch, in any position.
 """
 from __future__ import annotations
 
@@ -16,8 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmrec_jax import model as model_lib
-from mmrec_jax.loading import UsageError
+from mmrec_jax.errors import UsageError
 
 MAX_NEW_TOKENS = 100_000
 
@@ -59,8 +60,9 @@ def sample_logits(key, logits_BV, temperature, top_k, top_p):
   The settings are Python numbers (static under jit). Top-k (`lax.top_k`) comes
   first, then top-p on the renormalised top-k distribution (the smallest prefix
   of the sorted candidates whose mass reaches top_p; without top-k, a bisection
-  on the threshold, ties kept). Row r draws with fold_in(key, r) (Gumbel-max),
-  so a row's tokens do not depend on the rest of the batch.
+  on the threshold, ties kept). Gumbel-max with `key`: a key array [B] gives
+  row r the key key[r], so a row's token depends on its own key and logits
+  only; one key gives row r fold_in(key, r) (depends on the row's index).
   """
   B, V = logits_BV.shape
   logits_BV = logits_BV.astype(jnp.float32)
@@ -77,7 +79,10 @@ def sample_logits(key, logits_BV, temperature, top_k, top_p):
       thr_B = _threshold(x_BK, lambda keep: jnp.sum(jnp.where(keep, p_BK, 0.0), -1) >= top_p)
       keep_BK = x_BK >= thr_B[:, None]
     x_BK = jnp.where(keep_BK, x_BK, -jnp.inf)
-  keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(B))
+  if key.ndim == 0:
+    keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(B))
+  else:
+    keys = key
   gumbel_BK = jax.vmap(lambda k: jax.random.gumbel(k, x_BK.shape[1:]))(keys)
   j_B = jnp.argmax(x_BK + gumbel_BK, axis=-1)
   if idx_BK is not None:
@@ -100,35 +105,47 @@ def pack_prompts(prompts, eod_id, pad_id, multiple=1):
   return tokens_BP, reset_BP
 
 
+def row_keys(seed, n):
+  """Random keys [n], one per prompt, from an int seed (shared) or n int seeds."""
+  seeds = [seed] * n if isinstance(seed, (int, np.integer)) else list(seed)
+  if len(seeds) != n or not all(isinstance(s, (int, np.integer)) for s in seeds):
+    raise UsageError(f"seed={seed!r} must be an int or a list of {n} ints, one per prompt")
+  return jnp.stack([jax.random.key(int(s)) for s in seeds])
+
+
 class Decoder:
   """Jitted prefill, step and decode loop of one model (compiled once per shape)."""
 
   def __init__(self, model, eod_id=0, pad_id=1):
-    # Decoding runs the layers unrolled (same function, weights read in place).
+    # Decoding runs the model's decoding form (for MM-Rec: layers unrolled, each
+    # layer's weights read in place); `prepare` converts the parameters.
     self._given = model
-    self.model = model_lib.MMRec(model.cfg.replace(scan_layers=False))
+    self.model, _ = model.unstack()
     self.eod_id, self.pad_id = eod_id, pad_id
     self.prefill = jax.jit(self._prefill)
     self.step = jax.jit(self._step, static_argnames=("settings",))
     self.loop = jax.jit(self._loop, static_argnames=("settings", "n_new"))
 
   def prepare(self, variables):
-    """Variables of the model as given -> variables of the unrolled decoding model."""
-    return {"params": model_lib.unstack_layers(self._given, variables["params"])[1]}
+    """Variables of the model as given -> variables of its decoding form."""
+    return {"params": self._given.unstack(variables["params"])[1]}
 
   def _prefill(self, variables, tokens_BT, reset_BT, state=None):
     logits_BTV, state, _ = self.model.apply(variables, tokens_BT, state=state, reset=reset_BT)
     return logits_BTV[:, -1], state
 
-  def _step(self, variables, key, i, logits_BV, state, done_B, settings):
-    """Samples token i from logits_BV, feeds it; returns (tok_B, logits_BV, state, done_B)."""
-    tok_B = sample_logits(jax.random.fold_in(key, i), logits_BV, *settings)
+  def _step(self, variables, keys_B, i, logits_BV, state, done_B, settings):
+    """Samples token i from logits_BV, feeds it; returns (tok_B, logits_BV, state, done_B).
+
+    Row r draws with fold_in(keys_B[r], i): its own key and the step only."""
+    step_keys_B = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys_B)
+    tok_B = sample_logits(step_keys_B, logits_BV, *settings)
     tok_B = jnp.where(done_B, self.pad_id, tok_B)
     done_B = done_B | (tok_B == self.eod_id)
     logits_B1V, state, _ = self.model.apply(variables, tok_B[:, None], state=state)
     return tok_B, logits_B1V[:, 0], state, done_B
 
-  def _loop(self, variables, key, logits_BV, state, settings, n_new):
+  def _loop(self, variables, keys_B, logits_BV, state, settings, n_new):
     B = logits_BV.shape[0]
 
     def cond(c):
@@ -136,7 +153,7 @@ class Decoder:
 
     def body(c):
       i, logits_BV, state, done_B, out_BN = c
-      tok_B, logits_BV, state, done_B = self._step(variables, key, i, logits_BV, state, done_B,
+      tok_B, logits_BV, state, done_B = self._step(variables, keys_B, i, logits_BV, state, done_B,
                                                    settings)
       return i + 1, logits_BV, state, done_B, out_BN.at[:, i].set(tok_B)
 
@@ -153,7 +170,9 @@ class Decoder:
       prompts: lists of token ids (without `<|eod|>`).
       max_new_tokens: at most this many new tokens per prompt.
       temperature, top_k, top_p: see `sample_logits`.
-      seed: int; the same seed gives the same tokens.
+      seed: int, or one int per prompt: prompt r samples with its own seed
+        (an int: the same seed for every prompt), so a prompt gives the same
+        tokens alone or in a batch.
       on_tokens: optional callback(tok_B np.int32, done_B np.bool_) after each
         step; given, a jitted step runs in a Python loop (for streaming).
       pad_multiple: prompt batches are padded to a multiple of this (fewer compiles).
@@ -161,17 +180,17 @@ class Decoder:
     check_settings(max_new_tokens, temperature, top_k, top_p)
     tokens_BP, reset_BP = pack_prompts(prompts, self.eod_id, self.pad_id, pad_multiple)
     settings = (float(temperature), int(top_k), float(top_p))
-    key = jax.random.key(seed)
+    keys_B = row_keys(seed, len(prompts))
     variables = self.prepare(variables)
     logits_BV, state = self.prefill(variables, tokens_BP, reset_BP)
     if on_tokens is None:
-      out_BN = np.asarray(self.loop(variables, key, logits_BV, state, settings=settings,
+      out_BN = np.asarray(self.loop(variables, keys_B, logits_BV, state, settings=settings,
                                     n_new=int(max_new_tokens)))
     else:
       done_B = jnp.zeros((len(prompts),), bool)
       cols = []
       for i in range(max_new_tokens):
-        tok_B, logits_BV, state, done_B = self.step(variables, key, jnp.int32(i), logits_BV,
+        tok_B, logits_BV, state, done_B = self.step(variables, keys_B, jnp.int32(i), logits_BV,
                                                     state, done_B, settings=settings)
         tok_B, done_np = np.asarray(tok_B), np.asarray(done_B)
         cols.append(tok_B)

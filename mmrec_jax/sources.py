@@ -29,6 +29,7 @@ import logging
 import os
 import sysconfig
 import zlib
+from mmrec_jax.errors import DataError  # pylint: disable=unused-import (re-exported)
 
 log = logging.getLogger("mmrec_jax.data")
 
@@ -38,10 +39,6 @@ PARQUET_EXTS = (".parquet",)
 ARRAY_RECORD_EXTS = (".array_record",)
 ALL_EXTS = TEXT_EXTS + JSONL_EXTS + PARQUET_EXTS + ARRAY_RECORD_EXTS
 STDLIB_EXCLUDE = ("test/", "tests/", "idlelib/test/", "idlelib/idle_test/", "site-packages/")
-
-
-class DataError(ValueError):
-  """Bad data input; the one-line message names the file and what to do."""
 
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from mmrec_jax import config as config_lib
-from mmrec_jax import model as M
+from mmrec_jax import models
 
 CONFIGS = sorted(glob.glob("configs/*.py"))
 
@@ -18,7 +18,11 @@ def test_every_size_has_a_config_with_all_sections():
     c = config_lib.load_config_file(path)
     for section in ("model", "data", "train", "checkpoint", "mesh"):
       assert section in c
-    M.ModelConfig.from_config(c.model)  # the model section builds a model config
+    assert models.make_config(c.model).kind == c.model.kind == "mmrec"
+    # configs/*.py set only the numbers of their size: every other model field is the
+    # schema's default.
+    defaults = models.schema(c.model.kind)().to_dict()
+    assert set(c.model.to_dict()) == set(defaults)
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -49,9 +53,13 @@ def test_moe_needs_two_experts():
 
 
 def test_unknown_model_field_in_a_saved_config_is_an_error():
-  with pytest.raises(config_lib.ConfigError, match="unknown model field"):
-    M.ModelConfig.from_config({"vocab_size": 10, "d_model": 8, "n_layers": 1, "n_heads": 1,
-                               "max_seq_len": 8, "bogus": 1})
+  with pytest.raises(config_lib.ConfigError, match=r"unknown field model.bogus"):
+    models.make_config({"vocab_size": 10, "d_model": 8, "n_layers": 1, "n_heads": 1,
+                        "max_seq_len": 8, "bogus": 1})
+  with pytest.raises(config_lib.ConfigError, match=r"did you mean model.chunk_size"):
+    models.make_config({"chunk_sise": 8})
+  with pytest.raises(config_lib.ConfigError, match=r"model.kind='rnn' is unknown"):
+    models.build({"kind": "rnn"})
 
 
 def test_cli_reports_bad_override_in_one_line():

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from mmrec_jax import checkpoint as ckpt_lib
 from mmrec_jax import config as config_lib
@@ -21,7 +22,7 @@ from mmrec_jax import evaluate as eval_lib
 from mmrec_jax import export as export_lib
 from mmrec_jax import generate as gen_lib
 from mmrec_jax import loading as load_lib
-from mmrec_jax import model as model_lib
+from mmrec_jax import models
 from mmrec_jax import sampling
 from mmrec_jax import tokenizer as tok_lib
 
@@ -51,11 +52,11 @@ def workdir(tmp_path_factory):
   c.data.val_fraction = 0.2
   wd = str(root / "run")
   tok = data.get_tokenizer(c, wd)
-  model = model_lib.MMRec(model_lib.ModelConfig.from_config(c.model))
+  model = models.build(c.model)
   mngr = ckpt_lib.make_manager(wd, keep=2, async_save=False)
   for step, val_loss in ((1, 2.0), (2, 3.0)):
     params = jax.tree.map(lambda x: x * 2.0,  # less uniform logits: varied greedy tokens
-                          model_lib.nn.unbox(model_lib.init_params(model, jax.random.key(step))))
+                          nn.unbox(models.init_params(model, jax.random.key(step))))
     ckpt_lib.save(mngr, step, params, {"count": np.zeros((), np.int32)},
                   jax.random.key_data(jax.random.key(0)), {}, val_loss=val_loss)
   mngr.wait_until_finished()

@@ -8,19 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmrec_jax import model as M
+from mmrec_jax import models
+from mmrec_jax.models import mmrec as M
 
 V = 64
-ALL_ON = M.ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, chunk_size=4, mem_slots=2,
-                       mem_levels=3, use_dpg=True, dpg_rank=4, use_moe=True, moe_experts=4,
-                       moe_capacity_factor=2.0,  # capacity 2*2T/E = T: never drops, so streaming is exact
+ALL_ON = M.MMRecConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, chunk_size=4,
+                       mem_slots=2, mem_levels=3, use_dpg=True, dpg_rank=4, use_moe=True, moe_experts=4,
                        use_uboo=True, dropout=0.1)
 
 
 @pytest.fixture(scope="module")
 def all_on():
   model = M.MMRec(ALL_ON)
-  params = nn.unbox(M.init_params(model, jax.random.key(0)))
+  params = nn.unbox(models.init_params(model, jax.random.key(0)))
   apply = jax.jit(lambda p, t, s, r: model.apply({"params": p}, t, state=s, reset=r))
   return model, params, apply
 
@@ -58,9 +58,9 @@ def test_streaming_pieces_and_token_by_token_equal_full_pass(all_on):
     lo, s, _ = apply(params, toks[:, t:t + 1], s, r[:, t:t + 1])
     steps.append(lo)
   np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=2e-5, rtol=1e-5)
-  for k in s_full:
-    np.testing.assert_allclose(np.asarray(s[k], np.float32), np.asarray(s_full[k], np.float32),
-                               atol=2e-5, err_msg=k)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s), jax.tree.leaves(s_full)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               atol=2e-5, err_msg=jax.tree_util.keystr(path))
 
 
 def test_document_start_drops_all_state(all_on):
@@ -78,8 +78,8 @@ def test_memory_is_read_block_causally(all_on):
   base, _, _ = apply(params, toks, model.init_state(1), None)
   p2 = jax.tree_util.tree_map(lambda x: x, params)
   for blk in ("key", "value"):
-    k = p2["blocks"]["memory"][blk]["dense"]["kernel"]
-    p2["blocks"]["memory"][blk]["dense"]["kernel"] = k * 3.0
+    k = p2["blocks"]["memory"][blk]["kernel"]
+    p2["blocks"]["memory"][blk]["kernel"] = k * 3.0
   other, _, _ = apply(p2, toks, model.init_state(1), None)
   d_T = jnp.abs(other - base).max(axis=(0, 2))
   C = ALL_ON.chunk_size
@@ -89,22 +89,22 @@ def test_memory_is_read_block_causally(all_on):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_no_nan_or_inf_over_32k_tokens(dtype):
-  cfg = M.ModelConfig(vocab_size=V, d_model=16, n_layers=2, n_heads=2, chunk_size=32, mem_slots=4,
+  cfg = M.MMRecConfig(vocab_size=V, d_model=16, n_layers=2, n_heads=2, chunk_size=32, mem_slots=4,
                       mem_levels=4, dtype=dtype)
   model = M.MMRec(cfg)
-  params = nn.unbox(M.init_params(model, jax.random.key(0)))
+  params = nn.unbox(models.init_params(model, jax.random.key(0)))
   toks = _tokens(1, 32768, seed=5)
   lo, st, _ = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, toks)
   assert bool(jnp.isfinite(lo).all())
   assert all(bool(jnp.isfinite(x).all()) for x in jax.tree_util.tree_leaves(st)
              if jnp.issubdtype(x.dtype, jnp.floating))
-  assert bool(st["valid"].any())  # memory filled
+  assert bool(st.memory.valid.any())  # memory filled
 
 
 def test_every_parameter_gets_a_gradient(all_on):
   model, params, _ = all_on
   toks = _tokens(2, 32, seed=6)
-  w = M.aux_weights(ALL_ON)
+  w = model.aux_weights()
 
   def loss(p):
     lo, _, aux = model.apply({"params": p}, toks[:, :-1], deterministic=False,
@@ -127,11 +127,11 @@ def test_every_parameter_gets_a_gradient(all_on):
 def test_options_off_create_no_parameters():
   off = M.MMRec(ALL_ON.replace(use_dpg=False, use_moe=False, use_uboo=False))
   names = {jax.tree_util.keystr(p) for p, _ in
-           jax.tree_util.tree_flatten_with_path(M.param_shapes(off))[0]}
+           jax.tree_util.tree_flatten_with_path(models.param_shapes(off))[0]}
   assert not any("moe" in n or "uboo" in n or "rank" in n for n in names)
   assert any("ffn" in n for n in names)
   on = {jax.tree_util.keystr(p) for p, _ in
-        jax.tree_util.tree_flatten_with_path(M.param_shapes(M.MMRec(ALL_ON)))[0]}
+        jax.tree_util.tree_flatten_with_path(models.param_shapes(M.MMRec(ALL_ON)))[0]}
   assert any("moe" in n for n in on) and any("uboo" in n for n in on)
   assert not any("'ffn'" in n for n in on)
 
@@ -151,33 +151,36 @@ def test_aux_losses_are_returned_and_non_degenerate(all_on):
 def test_decoding_state_size_independent_of_tokens_seen(all_on):
   model, params, apply = all_on
   s = model.init_state(1)
-  size0 = M.state_bytes(s)
+  size0 = models.state_bytes(s)
   shapes0 = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), s)
   for T in (3, 50, 400):
     _, s, _ = apply(params, _tokens(1, T), s, None)
-    assert M.state_bytes(s) == size0
+    assert models.state_bytes(s) == size0
     assert jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), s) == shapes0
-  assert int(s["pos"][0, 0]) == 453
+  assert int(s.pos[0, 0]) == 453
 
 
 def test_remat_and_unscanned_layers_give_the_same_function():
   cfg = ALL_ON.replace(dropout=0.0)
   base = M.MMRec(cfg)
-  params = nn.unbox(M.init_params(base, jax.random.key(0)))
+  params = nn.unbox(models.init_params(base, jax.random.key(0)))
   toks = _tokens(1, 12)
   run = lambda m, p: jax.jit(lambda p: m.apply({"params": p}, toks)[0])(p)
   ref = run(base, params)
   lo = run(M.MMRec(cfg.replace(remat="full")), params)
   np.testing.assert_allclose(lo, ref, atol=1e-5)
-  unrolled, unstacked = M.unstack_layers(base, params)
-  assert not unrolled.cfg.scan_layers and "block_1" in unstacked
-  lo = run(unrolled, unstacked)
+  # One parameter layout: the unrolled loop reads the same stacked parameters.
+  lo = run(M.MMRec(cfg.replace(scan_layers=False)), params)
+  np.testing.assert_allclose(lo, ref, atol=1e-5)
+  decoder, unstacked = base.unstack(params)
+  assert "block_1" in unstacked and "blocks" not in unstacked
+  lo = run(decoder, unstacked)
   np.testing.assert_allclose(lo, ref, atol=1e-5)
 
 
 def test_bfloat16_compute_tracks_float32():
   cfg = ALL_ON.replace(dropout=0.0, use_moe=False)
-  params = nn.unbox(M.init_params(M.MMRec(cfg), jax.random.key(0)))
+  params = nn.unbox(models.init_params(M.MMRec(cfg), jax.random.key(0)))
   toks = _tokens(1, 24)
   run = lambda m: jax.jit(lambda p: m.apply({"params": p}, toks)[0])(params)
   ref = run(M.MMRec(cfg))
@@ -201,8 +204,8 @@ def test_parameter_counts_per_config():
   assert sizes == sorted(sizes)
   # Counting from shapes equals counting a real init.
   small = M.MMRec(ALL_ON)
-  assert M.count_params(M.param_shapes(small)) == M.count_params(
-      M.init_params(small, jax.random.key(0)))
+  assert models.count_params(models.param_shapes(small)) == models.count_params(
+      models.init_params(small, jax.random.key(0)))
 
 
 def test_params_command_prints_total_last():
@@ -213,9 +216,9 @@ def test_params_command_prints_total_last():
 
 
 def test_flops_per_token_counts_the_head_and_memory():
-  f = M.flops_per_token(ALL_ON)
+  f = M.MMRec(ALL_ON).flops_per_token(64)
   assert f > 2 * ALL_ON.d_model * ALL_ON.vocab_size
-  assert M.flops_per_token(ALL_ON.replace(mem_levels=6)) > f
+  assert M.MMRec(ALL_ON.replace(mem_levels=6)).flops_per_token(64) > f
 
 
 def test_decay_strictly_between_zero_and_one():

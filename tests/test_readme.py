@@ -15,4 +15,4 @@ def test_research_code_example_runs_as_written():
   exec(_python_block_after("## Using the model from a fresh init"), ns)  # noqa: S102
   assert ns["logits"].shape == (2, 1, 5000)
   assert bool(jnp.isfinite(ns["logits"]).all())
-  assert ns["state"]["h"].shape == (4, 2, 128)
+  assert ns["state"].h.shape == (4, 2, 128)

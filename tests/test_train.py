@@ -1,7 +1,10 @@
 """Training job: end-to-end runs, exact resume, signals, NaN, sharding, early stopping, CLI."""
+import contextlib
+import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +16,7 @@ import pytest
 
 from mmrec_jax import checkpoint as ckpt_lib
 from mmrec_jax import config as config_lib
+from mmrec_jax import loop
 from mmrec_jax import optimizer as opt_lib
 from mmrec_jax import sharding as shard_lib
 from mmrec_jax import train
@@ -76,8 +80,12 @@ def one_device_env(**extra):
   return env
 
 
-def launch(args, cwd=REPO, **env):
-  return subprocess.Popen([sys.executable, "-m", "mmrec_jax.train", *args], cwd=cwd,
+def launch(args, cwd=REPO, slow_steps=0.0, **env):
+  """The train CLI in a subprocess (one CPU device); `slow_steps` seconds of sleep after
+  every step (tests/slow_train.py) give a test time to signal or kill it mid-run."""
+  cmd = ([os.path.join(REPO, "tests", "slow_train.py"), str(slow_steps)] if slow_steps
+         else ["-m", "mmrec_jax.train"])
+  return subprocess.Popen([sys.executable, *cmd, *args], cwd=cwd,
                           env=one_device_env(**env), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
@@ -127,8 +135,8 @@ def test_end_to_end_loss_goes_down(reference):
   assert [s for s, _ in result.val_losses] == [4, 8, 12]
   recs = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   val = [r for r in recs if r["split"] == "val"]
-  assert {"loss", "perplexity", "bpb", "accuracy"} <= set(val[-1])
-  assert val[-1]["bpb"] > 0 and 0 <= val[-1]["accuracy"] <= 1
+  assert {"loss", "perplexity", "bits_per_byte", "token_accuracy", "tokens"} <= set(val[-1])
+  assert val[-1]["bits_per_byte"] > 0 and 0 <= val[-1]["token_accuracy"] <= 1
   params, step = ckpt_lib.restore_params(workdir, "latest")
   assert step == 12
   assert_trees_close(params, result.params, atol=0)
@@ -152,7 +160,7 @@ def test_hard_kill_then_rerun_equals_uninterrupted(reference, corpus, tmp_path):
   _, _, result = reference
   workdir = str(tmp_path / "run")
   args = cli_args(corpus, workdir)
-  proc = launch(args, MMREC_DEBUG_STEP_SLEEP="0.3")
+  proc = launch(args, slow_steps=0.3)
   wait_for_step(proc, workdir, 6)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -168,11 +176,12 @@ def test_hard_kill_then_rerun_equals_uninterrupted(reference, corpus, tmp_path):
 
 def test_sigterm_saves_and_prints_resume_command(corpus, tmp_path):
   workdir = str(tmp_path / "run")
-  proc = launch(cli_args(corpus, workdir, **{"train.steps": 500}), MMREC_DEBUG_STEP_SLEEP="0.2")
+  proc = launch(cli_args(corpus, workdir, **{"train.steps": 500}), slow_steps=0.2)
   wait_for_step(proc, workdir, 3)
   proc.send_signal(signal.SIGTERM)
   out = proc.communicate(timeout=120)[0]
-  assert proc.returncode == 0, out[-3000:]
+  assert proc.returncode == 143, out[-3000:]   # as a shell reports SIGTERM: not a success
+  assert "Traceback" not in out
   assert "Resume with" in out and "python -m mmrec_jax.train" in out
   assert f"--workdir={workdir}" in out
   _, step = ckpt_lib.restore_params(workdir, "latest")
@@ -191,8 +200,11 @@ def test_model_config_mismatch_on_resume_is_an_error(reference, corpus):
   err = [l for l in out.splitlines() if l.startswith("error:")]
   assert len(err) == 1 and "model.n_layers" in err[0], out[-3000:]
   # How the model runs (precision, remat) may change on resume; its shape may not.
-  train.check_workdir_config(workdir, make_config(corpus, **{"model.dtype": "bfloat16",
-                                                              "model.remat": "full"}))
+  notes = []
+  loop.check_workdir_model(workdir, make_config(corpus, **{
+      "model.dtype": "bfloat16", "model.remat": "full", "model.scan_layers": True,
+      "model.max_seq_len": 4096}), notes.append)
+  assert len(notes) == 1 and "model.scan_layers" in notes[0] and "model.max_seq_len" in notes[0]
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
@@ -247,7 +259,8 @@ def test_readme_command(corpus, tmp_path):
   proc = launch(args, cwd=str(tmp_path))
   out = proc.communicate(timeout=240)[0]
   assert proc.returncode == 0, out[-3000:]
-  assert "finished at step 3" in out and out.count("--- ") == 2, out[-3000:]
+  assert "finished at step 3" in out and out.count("--- sample") == 2, out[-3000:]
+  assert "\\n" not in out.split("--- sample 1", 1)[1]   # samples print as text, not reprs
   _, step = ckpt_lib.restore_params(str(tmp_path / "runs" / "tiny"), "latest")
   assert step == 3
 
@@ -266,14 +279,14 @@ def test_decay_mask_and_shardings():
                                                      names)
   tree = {"embed": box((300, 32), ("vocab", "embed")),
           "blocks": {"norm": {"scale": box((2, 32), ("layers", "embed"))},
-                     "mlp": {"dense": {"kernel": box((2, 32, 128), ("layers", "embed", "mlp")),
-                                       "bias": box((2, 128), ("layers", "mlp"))}},
+                     "mlp": {"kernel": box((2, 32, 128), ("layers", "embed", "mlp")),
+                             "bias": box((2, 128), ("layers", "mlp"))},
                      "gate_decay": {"w": box((2, 32, 32), ("layers", "embed", "kv"))},
                      "lam": box((2, 32), ("layers", "embed")),
                      "mem": {"kernel": box((2, 30, 30), ("layers", "kv", "kv"))}}}
   mask = opt_lib.decay_mask(tree)
-  assert mask["embed"] and mask["blocks"]["mlp"]["dense"]["kernel"]
-  assert not mask["blocks"]["norm"]["scale"] and not mask["blocks"]["mlp"]["dense"]["bias"]
+  assert mask["embed"] and mask["blocks"]["mlp"]["kernel"]
+  assert not mask["blocks"]["norm"]["scale"] and not mask["blocks"]["mlp"]["bias"]
   assert not mask["blocks"]["gate_decay"]["w"] and not mask["blocks"]["lam"]
   mesh = shard_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": -1}, jax.devices()[:1])
   sh = shard_lib.logical_shardings(tree, mesh)
@@ -288,3 +301,99 @@ def test_decay_mask_and_shardings():
   with pytest.raises(ValueError, match="devices"):
     shard_lib.make_mesh({"data": 3, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
 
+
+
+def test_checkpoint_loads_with_scan_layers_either_way(reference, corpus):
+  """One parameter layout: a run trained unrolled evaluates scanned, identically."""
+  from mmrec_jax import load, models
+  workdir, config, _ = reference
+  assert not config.model.scan_layers   # tiny trains with the layers unrolled
+  model, variables, _, _ = load(workdir, "latest")
+  toks = jax.random.randint(jax.random.key(0), (2, 40), 0, config.model.vocab_size)
+  ref = model.apply(variables, toks)[0]
+  scanned = models.build(dict(config.model.to_dict(), scan_layers=True))
+  np.testing.assert_array_equal(np.asarray(scanned.apply(variables, toks)[0]), np.asarray(ref))
+  # ...and resuming the run with the other setting is allowed (shapes are the same).
+  notes = []
+  loop.check_workdir_model(workdir, make_config(corpus, **{"model.scan_layers": True}),
+                           notes.append)
+  assert notes and "scan_layers" in notes[0]
+
+
+def test_init_from_starts_a_run_from_given_parameters(reference, corpus, tmp_path):
+  from mmrec_jax import train_state
+  workdir, config, result = reference
+  params, _ = ckpt_lib.restore_params(workdir, "latest")
+  s = train_state.setup(config, devices=jax.devices()[:1])
+  state = train_state.create(s, init_from=params)
+  assert int(state.step) == 0
+  assert_trees_close(state.params, result.params, atol=0)
+  cont = train.run(make_config(corpus, **{"train.steps": 2, "train.eval_every": 2}),
+                   str(tmp_path / "grown"), devices=jax.devices()[:1], quiet=True,
+                   init_from=params)
+  # Starting from trained parameters, the first loss is far below a fresh init's.
+  assert cont.train_losses[0][1] < result.train_losses[0][1] - 0.5
+  with pytest.raises(config_lib.ConfigError, match="shape"):
+    train_state.create(s, init_from=jax.tree.map(lambda x: x[..., :1], params))
+
+
+def test_resume_falls_back_past_a_truncated_latest_checkpoint(reference, tmp_path):
+  """Bitwise equal to an uninterrupted run; the bad checkpoint is kept for inspection."""
+  workdir, config, result = reference
+  b = str(tmp_path / "b")
+  shutil.copytree(workdir, b, ignore=shutil.ignore_patterns(".lock"))
+  bad = os.path.join(b, "checkpoints", "12")
+  for root, _, files in os.walk(os.path.join(bad, "params")):
+    for f in files:
+      path = os.path.join(root, f)
+      if os.path.getsize(path) > 64 and "metadata" not in f:
+        with open(path, "r+b") as fh:
+          fh.truncate(os.path.getsize(path) // 2)
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    rb = train.run(config, b, devices=jax.devices()[:1])
+  text = out.getvalue()
+  assert "checkpoint step 12 is unreadable" in text and "resumed from" in text, text[-2000:]
+  assert rb.step == 12 and len(rb.train_losses) == 4    # steps 9..12 redone from step 8
+  assert_trees_close(rb.params, result.params, atol=0)
+  assert os.path.isdir(bad + ".unreadable")
+  params, step = ckpt_lib.restore_params(b, "latest")
+  assert step == 12
+  assert_trees_close(params, result.params, atol=0)
+
+
+def test_second_run_in_a_workdir_is_refused_while_the_first_finishes(corpus, tmp_path):
+  workdir = str(tmp_path / "run")
+  args = cli_args(corpus, workdir, **{"train.steps": 8})
+  first = launch(args, slow_steps=0.3)
+  wait_for_step(first, workdir, 1)
+  second = launch(args)
+  out2 = second.communicate(timeout=120)[0]
+  assert second.returncode == 1, out2[-2000:]
+  err = [l for l in out2.splitlines() if l.startswith("error:")]
+  assert len(err) == 1 and f"process {first.pid}" in err[0] and "Traceback" not in out2
+  out1 = first.communicate(timeout=240)[0]
+  assert first.returncode == 0, out1[-3000:]
+  _, step = ckpt_lib.restore_params(workdir, "latest")
+  assert step == 8
+
+
+def test_summary_epochs_and_metrics_once_per_step(corpus, tmp_path):
+  from mmrec_jax import metrics as metrics_lib
+  workdir = str(tmp_path / "run")
+  cfg = make_config(corpus, **{"train.epochs": 0.05, "train.eval_every": 100})
+  res = train.run(cfg, workdir, devices=jax.devices()[:1], quiet=True)
+  s = json.load(open(os.path.join(workdir, "summary.json")))
+  assert s == res.summary and s["steps"] == res.step == cfg.train.steps
+  assert s["steps"] == int(np.ceil(0.05 * s["steps_per_epoch"]))
+  assert s["first_loss"] > s["final_loss"] and s["checkpoints"][-1] == res.step
+  assert list(s["epoch_mean_loss"]) == ["1"]
+  # A resumed run replays steps after its checkpoint: metrics.jsonl keeps each step once.
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": res.step + 1, "split": "train", "loss": 9.0}) + "\n")
+  w = metrics_lib.Writer(workdir, resume_step=res.step)
+  w.write(res.step + 1, "train", {"loss": 1.0})
+  w.close()
+  recs = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  steps = [r["step"] for r in recs if r["split"] == "train"]
+  assert len(steps) == len(set(steps)) and recs[-1]["loss"] == 1.0

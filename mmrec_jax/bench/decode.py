@@ -20,6 +20,8 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from mmrec_jax import models
+
 flags.DEFINE_list("configs", ["tiny", "small"], "Config names under configs/.")
 flags.DEFINE_list("contexts", ["1024", "8192", "65536"], "Context lengths (tokens).")
 flags.DEFINE_integer("decode_tokens", 64, "Tokens per timed decode run.")
@@ -34,11 +36,9 @@ def _setup(name):
   import jax  # pylint: disable=g-import-not-at-top
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
   from mmrec_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from mmrec_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.load_config_file(os.path.join(_CONFIG_DIR, f"{name}.py"))
-  mcfg = model_lib.ModelConfig.from_config(c.model)
-  model = model_lib.MMRec(mcfg)
-  params = jax.jit(lambda k: nn.unbox(model_lib.init_params(model, k)))(jax.random.key(0))
+  model = models.build(c.model)
+  params = jax.jit(lambda k: nn.unbox(models.init_params(model, k)))(jax.random.key(0))
   return model, {"params": params}
 
 
@@ -57,7 +57,6 @@ def measure_context(name, context, piece):
   """{'state_bytes', 'maxrss'} after prefilling `context` tokens in pieces."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mmrec_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   model, variables = _setup(name)
   fn = _prefill_fn(model)
   piece = min(piece, context)
@@ -69,7 +68,7 @@ def measure_context(name, context, piece):
     x = jax.random.randint(jax.random.fold_in(rng, i), (1, piece), 2, model.cfg.vocab_size)
     state = fn(variables, x.astype(jnp.int32), state)
   jax.block_until_ready(state)
-  return {"state_bytes": model_lib.state_bytes(state), "maxrss": _maxrss_bytes(),
+  return {"state_bytes": models.state_bytes(state), "maxrss": _maxrss_bytes(),
           "seconds": time.perf_counter() - t0}
 
 
@@ -120,14 +119,13 @@ def main(argv):
     print(json.dumps(measure_context(name, int(ctx), FLAGS.piece)))
     return
   import jax  # pylint: disable=g-import-not-at-top
-  from mmrec_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), random init, float32")
   for name in FLAGS.configs:
     model, _ = _setup(name)
     c = model.cfg
     sp = measure_speed(name, FLAGS.decode_tokens, FLAGS.prefill_tokens)
     print(f"\n{name}: d_model={c.d_model} n_layers={c.n_layers} vocab={c.vocab_size} "
-          f"params={model_lib.count_params(model_lib.param_shapes(model)):,}")
+          f"params={models.count_params(models.param_shapes(model)):,}")
     print(f"  decode  batch 1: {sp['decode_b1']:10,.0f} tok/s   batch 16: "
           f"{sp['decode_b16']:10,.0f} tok/s   prefill ({FLAGS.prefill_tokens} tokens): "
           f"{sp['prefill']:10,.0f} tok/s")

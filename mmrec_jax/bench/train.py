@@ -18,7 +18,7 @@ from ml_collections import config_flags
 from mmrec_jax import config as config_lib
 from mmrec_jax import metrics as metrics_lib
 from mmrec_jax import sharding as shard_lib
-from mmrec_jax import train
+from mmrec_jax import train_state as ts_lib
 
 config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file")
 flags.DEFINE_integer("batch", 4, "global batch size")
@@ -40,25 +40,25 @@ def main(argv):
   c.train.batch_size, c.train.seq_len = FLAGS.batch, FLAGS.seq_len
   c.model.max_seq_len = max(c.model.max_seq_len, FLAGS.seq_len)
   config_lib.validate(c)
-  s = train.setup(c)
-  params, opt_state = train.init_state(s)
+  s = ts_lib.setup(c)
+  state = ts_lib.create(s)
   rng = np.random.default_rng(0)
   batch = shard_lib.put_batch(random_batch(rng, FLAGS.batch, FLAGS.seq_len, c.model.vocab_size),
                               s.mesh)
   t0 = time.perf_counter()
-  compiled = s.train_step.lower(params, opt_state, batch, s.rng, jnp.int32(0)).compile()
+  compiled = s.train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
-  params, opt_state, m = compiled(params, opt_state, batch, s.rng, jnp.int32(0))  # warm-up
+  state, m = compiled(state, batch)  # warm-up
   jax.block_until_ready(m)
   times = []
-  for i in range(FLAGS.steps):
+  for _ in range(FLAGS.steps):
     t = time.perf_counter()
-    params, opt_state, m = compiled(params, opt_state, batch, s.rng, jnp.int32(i + 1))
+    state, m = compiled(state, batch)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   step_s = statistics.median(times)
   tokens_s = FLAGS.batch * FLAGS.seq_len / step_s
-  flops_tok = 3 * train._flops(s, FLAGS.seq_len)  # pylint: disable=protected-access
+  flops_tok = ts_lib.flops_per_token_train(s, FLAGS.seq_len)
   dev = s.mesh.devices.flat[0]
   n_dev = s.mesh.devices.size
   big = dev.platform != "cpu"

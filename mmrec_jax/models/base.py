@@ -1,0 +1,95 @@
+"""What every model's config has in common: the frozen dataclass that is the only
+place defaults live, its validation, and the allowed values (defined once).
+
+A model's schema subclasses `BaseConfig`, adds its fields with defaults and
+extends `validate`. `configs/*.py` set only the numbers of their size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from mmrec_jax.errors import ConfigError
+from mmrec_jax.models import layers
+
+DTYPES = tuple(layers.DTYPES)
+REMAT_POLICIES = tuple(layers.REMAT_POLICIES)
+
+
+def check(cond, msg):
+  if not cond:
+    raise ConfigError(msg)
+
+
+def positive_ints(cfg, names):
+  for f in names:
+    v = getattr(cfg, f)
+    check(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+          f"model.{f} must be a positive integer, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseConfig:
+  """Fields every model has. Subclasses set `kind` and add their own fields."""
+  kind: str = "base"
+  name: str = "custom"
+  vocab_size: int = 5000
+  d_model: int = 128
+  n_layers: int = 4
+  n_heads: int = 4
+  max_seq_len: int = 1024        # longest train.seq_len allowed (the model never reads it)
+  ffn_mult: int = 4
+  dropout: float = 0.0
+  dtype: str = "float32"         # compute dtype
+  param_dtype: str = "float32"
+  scan_layers: bool = True       # rolled layer loop (compile time independent of depth)
+  remat: str = "none"            # none | full | dots | dots_no_batch
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self):
+    """Raises ConfigError (one line naming the field and the fix)."""
+    positive_ints(self, ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len",
+                         "ffn_mult"))
+    check(self.d_model % self.n_heads == 0,
+          f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+          "choose a width that is a multiple of the head count")
+    check(self.remat in REMAT_POLICIES,
+          f"model.remat={self.remat!r} is unknown; use one of {', '.join(REMAT_POLICIES)}")
+    check(self.dtype in DTYPES,
+          f"model.dtype={self.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+    check(self.param_dtype in DTYPES,
+          f"model.param_dtype={self.param_dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+    check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
+          f"model.dropout={self.dropout} must be in [0, 1)")
+
+  @classmethod
+  def field_names(cls):
+    return [f.name for f in dataclasses.fields(cls)]
+
+  @classmethod
+  def from_dict(cls, d):
+    """From a dict / ConfigDict; an unknown field is a ConfigError with a suggestion."""
+    d = d.to_dict() if hasattr(d, "to_dict") else dict(d)
+    names = cls.field_names()
+    for k in d:
+      if k not in names:
+        close = difflib.get_close_matches(k, names, n=1)
+        hint = f"; did you mean model.{close[0]}?" if close else ""
+        raise ConfigError(f"unknown field model.{k} for model.kind={cls.kind!r}{hint}")
+    return cls(**d)
+
+  def to_dict(self):
+    return dataclasses.asdict(self)
+
+  def replace(self, **kw):
+    return dataclasses.replace(self, **kw)
+
+  @property
+  def compute_dtype(self):
+    return layers.DTYPES[self.dtype]
+
+  @property
+  def params_dtype(self):
+    return layers.DTYPES[self.param_dtype]

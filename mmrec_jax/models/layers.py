@@ -1,0 +1,113 @@
+"""Layers every model shares: dense kernels with logical axis names, RMSNorm, MLP,
+the layer stack (one parameter layout whether layers are scanned or unrolled).
+
+Every parameter carries logical axis names (`embed`, `mlp`, `vocab`, ...), which
+the sharding rules map onto the mesh and the growth code dispatches on.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def logical(init, *axes):
+  return nn.with_logical_partitioning(init, axes)
+
+
+def scaled(scale=1.0):
+  return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+
+
+def dense(features, axes, cfg, name, use_bias=False, init_scale=1.0,
+          bias_init=nn.initializers.zeros):
+  """An nn.Dense [in, out] with logical axis names (created in the caller's scope)."""
+  return nn.Dense(features, use_bias=use_bias, dtype=cfg.compute_dtype,
+                  param_dtype=cfg.params_dtype,
+                  kernel_init=logical(scaled(init_scale), *axes),
+                  bias_init=logical(bias_init, axes[1]), name=name)
+
+
+def rms_norm(cfg, name):
+  return nn.RMSNorm(epsilon=1e-6, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                    scale_init=logical(nn.initializers.ones, "embed"), name=name)
+
+
+class MLP(nn.Module):
+  """in -> hidden GELU -> out, with biases."""
+  hidden: int
+  out: int
+  cfg: Any
+  hidden_axis: str = "mlp"
+  out_init_scale: float = 1.0
+  out_bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x):
+    y = dense(self.hidden, ("embed", self.hidden_axis), self.cfg, "up", use_bias=True)(x)
+    y = nn.gelu(y)
+    return dense(self.out, (self.hidden_axis, "embed"), self.cfg, "down", use_bias=True,
+                 init_scale=self.out_init_scale, bias_init=self.out_bias_init)(y)
+
+
+def embedding(module, cfg):
+  """The [vocab, embed] table (tied with the head), created in `module`'s scope."""
+  return module.param("embed", logical(nn.initializers.normal(cfg.d_model ** -0.5),
+                                       "vocab", "embed"),
+                      (cfg.vocab_size, cfg.d_model), cfg.params_dtype)
+
+
+def tied_head(x_BTD, embed_VD, cfg):
+  """Logits float32 [B, T, V] from the tied embedding."""
+  return jnp.einsum("btd,vd->btv", x_BTD, embed_VD.astype(cfg.compute_dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def run_layers(block_cls, cfg, x, state, *args, unstacked=False, deterministic=True):
+  """Applies `cfg.n_layers` blocks `block_cls(cfg, deterministic)(x, state_l, *args)`.
+
+  Parameters always live stacked under `blocks` (a leading `layers` axis), so a
+  checkpoint loads whatever `scan_layers` is: `scan_layers` only chooses between
+  a rolled loop (compile time independent of depth) and a fully unrolled one.
+  `unstacked=True` is the decoding form: layers `block_<i>` with their own
+  parameters (see `unstack_params`). Returns (x, stacked new state, stacked aux).
+  """
+  block = block_cls
+  if cfg.remat != "none":
+    block = nn.remat(block_cls, policy=REMAT_POLICIES[cfg.remat], prevent_cse=cfg.scan_layers)
+  if unstacked:
+    states, auxes = [], []
+    for i in range(cfg.n_layers):
+      st_i = jax.tree_util.tree_map(lambda s, i=i: s[i], state)
+      x, (st_i, aux_i) = block(cfg, deterministic, name=f"block_{i}")(
+          x, st_i, *args)
+      states.append(st_i)
+      auxes.append(aux_i)
+    stack = lambda *s: jnp.stack(s)
+    return x, jax.tree_util.tree_map(stack, *states), jax.tree_util.tree_map(stack, *auxes)
+  scanned = nn.scan(block, variable_axes={"params": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=(0,) + (nn.broadcast,) * len(args), length=cfg.n_layers,
+                    unroll=1 if cfg.scan_layers else cfg.n_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+  x, (new_state, aux) = scanned(cfg, deterministic, name="blocks")(
+      x, state, *args)
+  return x, new_state, aux
+
+
+def unstack_params(params, n_layers):
+  """Stacked `blocks` params -> per-layer `block_<i>` params (the decoding form)."""
+  out = {k: v for k, v in params.items() if k != "blocks"}
+  for i in range(n_layers):
+    out[f"block_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], params["blocks"])
+  return out

@@ -1,0 +1,177 @@
+"""The train state and everything that runs on the devices: mesh, shardings, the
+jitted train and eval steps, and a sharded initialiser that can start from given
+parameters (`init_from`: grown, or trained elsewhere).
+
+    s = train_state.setup(config)                 # nothing allocated yet
+    state = train_state.create(s)                 # or create(s, init_from=params)
+    state, metrics = s.train_step(state, batch)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from flax import struct
+
+from mmrec_jax import loss as loss_lib
+from mmrec_jax import models
+from mmrec_jax import optimizer as opt_lib
+from mmrec_jax import sharding as shard_lib
+from mmrec_jax.errors import ConfigError
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a step changes, as one pytree (what a checkpoint holds, with the data
+  iterator's position)."""
+  step: jax.Array          # int32 []
+  params: Any
+  opt_state: Any
+  rng: jax.Array           # uint32 key data; the step's key is fold_in(rng, step)
+
+
+@dataclasses.dataclass
+class Setup:
+  """Model, optimizer, mesh, shardings and jitted steps of one run."""
+  model: nn.Module
+  mesh: jax.sharding.Mesh
+  tx: optax.GradientTransformation
+  schedule: Any
+  state_sharding: TrainState     # NamedShardings, leaf for leaf
+  abstract_state: TrainState     # ShapeDtypeStructs with their shardings
+  train_step: Any                # (state, batch) -> (state, metrics)
+  eval_step: Any                 # (params, batch) -> sums
+  init_key: jax.Array
+  train_key: jax.Array
+
+
+def _microbatches(batch, n, mesh):
+  """[B, ...] -> [n, B/n, ...]; microbatch i takes rows i, i+n, ... (keeps the sharding)."""
+  sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, shard_lib.BATCH_AXES))
+
+  def one(x):
+    x = x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, sh)
+  return {k: one(v) for k, v in batch.items()}
+
+
+def make_train_step(model, tx, schedule, grad_accum, mesh):
+  """train_step(state, batch) -> (state, metrics): CE with aux losses, AdamW, clipping,
+  gradient accumulation equal to the full-batch update, a fresh dropout key per step."""
+  aux_weights = model.aux_weights()
+
+  def loss_fn(params, mb, key, denom):
+    logits_BTV, _, aux = model.apply(
+        {"params": params}, mb["inputs"], state=None, reset=mb["reset"],
+        deterministic=False, rngs={"dropout": key})
+    ce_sum, _, _ = loss_lib.cross_entropy(logits_BTV, mb["targets"], mb["mask"])
+    loss = ce_sum / denom
+    for k, w in aux_weights.items():
+      loss = loss + w * aux[k] / grad_accum
+    return loss, (ce_sum, {k: aux[k] for k in aux_weights})
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    denom = jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
+    if grad_accum == 1:
+      (_, (ce_sum, aux)), grads = grad_fn(state.params, batch, jax.random.fold_in(key, 0), denom)
+    else:
+      def body(carry, xs):
+        g_acc, ce_acc, aux_acc = carry
+        mb, i = xs
+        (_, (ce, aux)), g = grad_fn(state.params, mb, jax.random.fold_in(key, i), denom)
+        g_acc = jax.tree.map(jnp.add, g_acc, g)
+        aux_acc = {k: aux_acc[k] + aux[k] / grad_accum for k in aux_acc}
+        return (g_acc, ce_acc + ce, aux_acc), None
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      aux0 = {k: jnp.zeros((), jnp.float32) for k in aux_weights}
+      (grads, ce_sum, aux), _ = jax.lax.scan(
+          body, (zeros, jnp.zeros((), jnp.float32), aux0),
+          (_microbatches(batch, grad_accum, mesh), jnp.arange(grad_accum)))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ce = ce_sum / denom
+    loss = ce + sum(w * aux[k] for k, w in aux_weights.items())
+    out = {"loss": loss, "ce": ce, "grad_norm": optax.tree.norm(grads),
+           "lr": schedule(state.step), "tokens": denom}
+    out.update({f"aux_{k}": v for k, v in aux.items()})
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
+
+  return train_step
+
+
+def setup(config, devices=None):
+  """Builds everything that touches neither data nor disk; allocates nothing."""
+  t = config.train
+  model = models.build(config.model)
+  mesh = shard_lib.make_mesh(config.mesh, devices)
+  n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = t.batch_size // t.grad_accum
+  if micro % n_batch:
+    raise ConfigError(
+        f"train.batch_size/train.grad_accum={micro} is not divisible by mesh data*fsdp="
+        f"{n_batch}; change the batch size or the mesh")
+  init_key, train_key = jax.random.split(jax.random.PRNGKey(t.seed))
+  abstract_boxed = jax.eval_shape(lambda k: models.init_params(model, k), init_key)
+  param_sh = shard_lib.logical_shardings(abstract_boxed, mesh)
+  abstract_params = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      nn.unbox(abstract_boxed), param_sh)
+  schedule = opt_lib.lr_schedule(t)
+  tx = opt_lib.make(t, opt_lib.decay_mask(abstract_boxed))
+  opt_shapes = jax.eval_shape(tx.init, abstract_params)
+  opt_sh = shard_lib.mirror_shardings(opt_shapes, param_sh, abstract_params, mesh)
+  repl = shard_lib.replicated(mesh)
+  state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl)
+  key_data = jax.random.key_data(train_key)
+  abstract = TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+      opt_state=opt_shapes, rng=jax.ShapeDtypeStruct(key_data.shape, key_data.dtype))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_sh)
+  batch_sh = {k: shard_lib.batch_sharding(mesh) for k in loss_lib.BATCH_KEYS}
+  train_step = jax.jit(make_train_step(model, tx, schedule, t.grad_accum, mesh),
+                       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
+                       donate_argnums=(0,))
+  eval_step = jax.jit(loss_lib.make_eval_step(model), in_shardings=(param_sh, batch_sh),
+                      out_shardings=repl)
+  return Setup(model, mesh, tx, schedule, state_sh, abstract, train_step, eval_step,
+               init_key, train_key)
+
+
+def create(s: Setup, init_from=None) -> TrainState:
+  """A fresh train state at step 0, created directly with its shardings.
+
+  `init_from`: parameters to start from (a pytree of arrays with exactly the
+  model's structure and shapes, e.g. grown from a smaller model); default: the
+  model's random init. The optimizer state always starts fresh.
+  """
+  if init_from is None:
+    params = jax.jit(lambda k: nn.unbox(models.init_params(s.model, k)),
+                     out_shardings=s.state_sharding.params)(s.init_key)
+  else:
+    want = jax.tree.structure(s.abstract_state.params)
+    if jax.tree.structure(init_from) != want:
+      raise ConfigError("init_from parameters do not have the model's structure")
+    for a, x in zip(jax.tree.leaves(s.abstract_state.params), jax.tree.leaves(init_from)):
+      if tuple(a.shape) != tuple(x.shape):
+        raise ConfigError(f"init_from parameter of shape {tuple(x.shape)} where the model has "
+                          f"{tuple(a.shape)}")
+    # A copy: the train step donates its state, the caller keeps `init_from`.
+    params = jax.tree.map(
+        lambda x, a: jax.device_put(x, a.sharding, may_alias=False).astype(a.dtype),
+        init_from, s.abstract_state.params)
+  opt_state = jax.jit(s.tx.init, out_shardings=s.state_sharding.opt_state)(params)
+  repl = s.state_sharding.step
+  return TrainState(step=jax.device_put(jnp.int32(0), repl), params=params, opt_state=opt_state,
+                    rng=jax.device_put(jax.random.key_data(s.train_key), repl))
+
+
+def flops_per_token_train(s: Setup, seq_len):
+  """Training FLOPs per token (3 x the forward pass)."""
+  return 3 * s.model.flops_per_token(seq_len)

@@ -34,6 +34,7 @@ import numpy as np
 
 from mmrec_jax import sources
 from mmrec_jax import tokenizer as tokenizer_lib
+from mmrec_jax import workdir as workdir_lib
 from mmrec_jax.sources import DataError, read_documents  # pylint: disable=unused-import
 
 log = logging.getLogger("mmrec_jax.data")
@@ -146,17 +147,11 @@ def encode_documents(docs, tok):
 
 def _tokenize_to_file(docs, tok, path):
   """Writes the token ids of `docs` to `path` atomically; returns the count."""
-  tmp = f"{path}.tmp{os.getpid()}"
   n = 0
-  try:
-    with open(tmp, "wb") as f:
-      for ids in encode_documents(docs, tok):
-        f.write(ids.tobytes())
-        n += ids.size
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with workdir_lib.atomic_open(path) as f:
+    for ids in encode_documents(docs, tok):
+      f.write(ids.tobytes())
+      n += ids.size
   return n
 
 

@@ -11,7 +11,7 @@ import os
 import jax
 import numpy as np
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -57,19 +57,17 @@ def mesh_shape(mesh_cfg, n_devices):
 
 
 def make_mesh(mesh_cfg, devices=None):
-  """A Mesh with axes (data, fsdp, tensor) over `devices` (default: all)."""
+  """A Mesh with axes (data, fsdp, tensor) over `devices` (default: all), laid out by
+  `jax.make_mesh` for the devices' topology (no silent fallback)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg, len(devices))
-  try:
-    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
-    arr = mesh_utils.create_device_mesh(shape, devices)
-  except Exception:  # pylint: disable=broad-except
-    arr = np.asarray(devices, dtype=object).reshape(shape)
-  return Mesh(arr, MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def _fit_spec(spec, shape, mesh):
-  """Drops mesh axes from dims they do not divide evenly (replicates those dims)."""
+  """Drops mesh axes from dims they do not divide evenly (replicates those dims):
+  what flax's logical-axis sharding lacks."""
   out = []
   for dim, ax in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     axes = (ax,) if isinstance(ax, str) else tuple(ax or ())
@@ -78,31 +76,14 @@ def _fit_spec(spec, shape, mesh):
   return P(*out)
 
 
-def logical_to_spec(names, rules=LOGICAL_RULES):
-  """PartitionSpec for logical axis names; each mesh axis is used at most once
-  (a repeated logical name, e.g. ('kv', 'kv'), is sharded on its first dim only)."""
-  table = dict(rules)
-  used, out = set(), []
-  for name in names:
-    ax = table.get(name) if isinstance(name, str) else None
-    axes = (ax,) if isinstance(ax, str) else tuple(ax or ())
-    if axes and not used & set(axes):
-      used.update(axes)
-      out.append(ax)
-    else:
-      out.append(None)
-  return P(*out)
-
-
 def logical_shardings(abstract_boxed, mesh, rules=LOGICAL_RULES):
-  """NamedShardings for a tree of (abstract) nn.LogicallyPartitioned-boxed params."""
-  def one(x):
-    names = x.names if isinstance(x, nn.LogicallyPartitioned) else ()
-    value = x.value if isinstance(x, nn.LogicallyPartitioned) else x
-    spec = logical_to_spec(names, rules)
-    return NamedSharding(mesh, _fit_spec(spec, value.shape, mesh))
-  return jax.tree.map(one, abstract_boxed,
-                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  """NamedShardings for a tree of (abstract) nn.LogicallyPartitioned-boxed params, by
+  flax's logical-axis rules (each mesh axis used once per array), with mesh axes that
+  do not divide a dimension dropped."""
+  specs = nn.get_partition_spec(abstract_boxed)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  return jax.tree.map(lambda s, x: NamedSharding(mesh, _fit_spec(s.spec, x.shape, mesh)),
+                      shardings, nn.unbox(abstract_boxed))
 
 
 def mirror_shardings(abstract_tree, param_shardings, param_shapes, mesh):

@@ -20,6 +20,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mmrec_jax import cli as cli_lib
+from mmrec_jax import workdir as workdir_lib
 from mmrec_jax.errors import DataError, UsageError
 
 EOD = "<|eod|>"
@@ -97,10 +98,7 @@ def load_extend(path, vocab_size):
 
 def save_tokenizer(tok, path):
   """Writes `tok` to `path` atomically."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  tok.save(tmp)
-  os.replace(tmp, path)
+  workdir_lib.atomic_write(path, tok.to_str(pretty=True))
 
 
 def _merge_pairs(merges):

@@ -210,15 +210,18 @@ def guard_replace(target, *, kind="export", flag="--out"):
 # ----------------------------------------------------------------------------- atomic write
 
 
-def atomic_write(path, data):
-  """Writes `data` (str or bytes) to `path` via a temp file in the same folder + os.replace."""
+@contextlib.contextmanager
+def atomic_open(path):
+  """A binary file to write whose content appears at `path` only when the `with`
+  body ends without an error (temp file in the same folder + fsync + os.replace);
+  the one atomic-write mechanism of the project."""
   path = os.fspath(path)
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
   try:
     with os.fdopen(fd, "wb") as f:
-      f.write(data.encode("utf-8") if isinstance(data, str) else data)
+      yield f
       f.flush()
       os.fsync(f.fileno())
     os.chmod(tmp, 0o644)
@@ -227,6 +230,12 @@ def atomic_write(path, data):
     with contextlib.suppress(OSError):
       os.unlink(tmp)
     raise
+
+
+def atomic_write(path, data):
+  """Writes `data` (str or bytes) to `path` atomically (see `atomic_open`)."""
+  with atomic_open(path) as f:
+    f.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def atomic_write_json(path, obj, **kw):

@@ -123,6 +123,7 @@ def test_greedy_equals_argmax_of_full_pass(loaded):
   np.testing.assert_array_equal(want, new)
 
 
+@pytest.mark.slow
 def test_batch_decode_equals_single_decode(loaded):
   _, variables, tok, _, dec = loaded
   texts = ["if", "def main(self, value", "import data " * 6]   # 1, ~7, ~24 tokens
@@ -190,6 +191,7 @@ def test_loss_by_position_streams_like_one_pass(loaded, tmp_path):
   assert open(tsv).read().count("\n") == len(rows) + 1 and os.path.getsize(png) > 0
 
 
+@pytest.mark.slow
 def test_export_round_trip(workdir, loaded, tmp_path):
   model, variables, _, _, _ = loaded
   out = str(tmp_path / "exported")

@@ -87,6 +87,7 @@ def test_memory_is_read_block_causally(all_on):
   assert float(d_T[C:].min()) > 0.0       # later chunks read the memory
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_no_nan_or_inf_over_32k_tokens(dtype):
   cfg = M.MMRecConfig(vocab_size=V, d_model=16, n_layers=2, n_heads=2, chunk_size=32, mem_slots=4,
@@ -208,6 +209,7 @@ def test_parameter_counts_per_config():
       models.init_params(small, jax.random.key(0)))
 
 
+@pytest.mark.slow
 def test_params_command_prints_total_last():
   out = subprocess.run([sys.executable, "-m", "mmrec_jax.params", "--config=configs/tiny.py"],
                        capture_output=True, text=True, check=True).stdout.strip().splitlines()

@@ -156,6 +156,7 @@ def test_same_seed_same_numbers_and_resume_of_finished_run(reference, tmp_path):
   assert done.step == 12 and done.train_losses == []
 
 
+@pytest.mark.slow
 def test_hard_kill_then_rerun_equals_uninterrupted(reference, corpus, tmp_path):
   _, _, result = reference
   workdir = str(tmp_path / "run")
@@ -174,6 +175,7 @@ def test_hard_kill_then_rerun_equals_uninterrupted(reference, corpus, tmp_path):
   assert_trees_close(params, result.params, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_prints_resume_command(corpus, tmp_path):
   workdir = str(tmp_path / "run")
   proc = launch(cli_args(corpus, workdir, **{"train.steps": 500}), slow_steps=0.2)
@@ -189,6 +191,7 @@ def test_sigterm_saves_and_prints_resume_command(corpus, tmp_path):
   assert step == train_steps_logged(workdir)
 
 
+@pytest.mark.slow
 def test_model_config_mismatch_on_resume_is_an_error(reference, corpus):
   workdir, config, _ = reference
   other = make_config(corpus, **{"model.d_model": 48})
@@ -221,6 +224,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 host devices (tests/conftest.py)")
 def test_sharded_loss_equals_single_device(corpus, tmp_path):
   kw = {"train.steps": 4, "train.eval_every": 4, "checkpoint.every": 4}
@@ -250,6 +254,7 @@ def test_early_stopping(corpus, tmp_path):
   assert again.reason == "early_stop" and again.step == 6 and again.train_losses == []
 
 
+@pytest.mark.slow
 def test_readme_command(corpus, tmp_path):
   """`python -m mmrec_jax.train --config=configs/tiny.py` (default workdir runs/tiny)."""
   args = [f"--config={TINY}", f"--config.data.path={corpus}", "--config.model.vocab_size=300",
@@ -283,7 +288,7 @@ def test_decay_mask_and_shardings():
                              "bias": box((2, 128), ("layers", "mlp"))},
                      "gate_decay": {"w": box((2, 32, 32), ("layers", "embed", "kv"))},
                      "lam": box((2, 32), ("layers", "embed")),
-                     "mem": {"kernel": box((2, 30, 30), ("layers", "kv", "kv"))}}}
+                     "mem": {"kernel": box((2, 30, 30), ("layers", "kv", "kv_out"))}}}
   mask = opt_lib.decay_mask(tree)
   assert mask["embed"] and mask["blocks"]["mlp"]["kernel"]
   assert not mask["blocks"]["norm"]["scale"] and not mask["blocks"]["mlp"]["bias"]
@@ -362,6 +367,7 @@ def test_resume_falls_back_past_a_truncated_latest_checkpoint(reference, tmp_pat
   assert_trees_close(params, result.params, atol=0)
 
 
+@pytest.mark.slow
 def test_second_run_in_a_workdir_is_refused_while_the_first_finishes(corpus, tmp_path):
   workdir = str(tmp_path / "run")
   args = cli_args(corpus, workdir, **{"train.steps": 8})

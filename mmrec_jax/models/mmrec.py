@@ -235,8 +235,8 @@ class HDSMemory(nn.Module):
     # The memory stores each summary's key and value: the projections are linear,
     # so pooling them in the coarser levels equals projecting pooled summaries,
     # and no slot is ever projected twice.
-    kv_BKX = jnp.concatenate([dense(D, ("kv", "kv"), cfg, "key")(summ_BKD),
-                              dense(D, ("kv", "kv"), cfg, "value")(summ_BKD)],
+    kv_BKX = jnp.concatenate([dense(D, ("kv", "kv_out"), cfg, "key")(summ_BKD),
+                              dense(D, ("kv", "kv_out"), cfg, "value")(summ_BKD)],
                              axis=-1).astype(jnp.float32)
 
     snaps, final = jax.vmap(mem_lib.run_writes)(state.memory, kv_BKX, end_valid_BK, clear_BK)

@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm_policies
 
 from mmrec_jax import workdir as workdir_lib
-from mmrec_jax.errors import LoadError, TrainError
+from mmrec_jax.errors import LoadError, TrainError, UsageError
 
 ITEMS = ("params", "opt_state", "train", "data", "meta")
 CONFIG_FILE = "config.json"
@@ -252,9 +252,19 @@ def save_run_config(workdir, config):
 
 
 def load_run_config(workdir):
-  """The run's ConfigDict, read from workdir/config.json (plain JSON, no code)."""
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  """The run's ConfigDict, read from workdir/config.json (plain JSON, no code);
+  UsageError (one line) if it is not a JSON object with a model section."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UsageError(f"{path} is unreadable ({short_reason(e)}); it is not this project's run "
+                     "config: pass another --workdir, or move the file away") from None
+  if not isinstance(d, dict) or not isinstance(d.get("model"), dict):
+    raise UsageError(f"{path} has no model section; it is not this project's run config: "
+                     "pass another --workdir, or move the file away")
+  return ml_collections.ConfigDict(d)
 
 
 def model_diff(saved_model, model):

@@ -13,6 +13,8 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mmrec_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -47,11 +49,11 @@ def mesh_shape(mesh_cfg, n_devices):
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if n_devices % known:
-      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {n_devices} devices are not "
+      raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: {n_devices} devices are not "
                        f"divisible by {known}")
     sizes[sizes.index(-1)] = n_devices // known
   if int(np.prod(sizes)) != n_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices "
+    raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices "
                      f"but {n_devices} are available; set --config.mesh.data=-1")
   return tuple(sizes)
 

@@ -278,6 +278,20 @@ def test_bad_config_is_one_line_error(tmp_path):
   assert out.strip().splitlines()[-1].startswith("error: train.batch_size=5")
 
 
+@pytest.mark.slow
+def test_bad_mesh_and_garbage_workdir_config_are_one_line_errors(corpus, tmp_path):
+  bad = tmp_path / "garbage"
+  bad.mkdir()
+  (bad / "config.json").write_text("\x00\x01 not json")
+  for args, want in ((cli_args(corpus, str(tmp_path / "m"), **{"mesh.data": 3}), "mesh"),
+                     (cli_args(corpus, str(bad)), "config.json is unreadable")):
+    proc = launch(args, cwd=str(tmp_path))
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 2 and "Traceback" not in out, out[-2000:]
+    err = [l for l in out.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and want in err[0], out[-2000:]
+
+
 def test_decay_mask_and_shardings():
   from flax import linen as nn
   box = lambda shape, names: nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, np.float32),

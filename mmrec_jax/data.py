@@ -14,10 +14,13 @@ fingerprint of the source files (paths, sizes, mtimes), reader settings,
 split and tokenizer; the cache is written to a temp file and `os.replace`d.
 Cache dir: `data.cache_dir`, else `$MMREC_CACHE_DIR`, else ~/.cache/mmrec_jax.
 
-Multi-process: every process tokenizes (or loads) the full split; each reads
-only its own windows (a strided slice of the global shuffled order / of each
-global validation batch), so the union of the per-process batches is the
-global batch.
+Multi-process: process 0 trains the tokenizer, writes `workdir/tokenizer.json`
+and tokenizes the splits into the cache while the others wait at a barrier, then
+read what it wrote (a process that cannot see it, e.g. a node with its own local
+cache dir, does the work itself). Each process reads only its own windows: rows
+[p*B/P, (p+1)*B/P) of every global batch of B windows (of the global shuffled
+order in training, of each global validation batch in evaluation), so the global
+batch is the one-process batch, row for row, for any number of processes P.
 """
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ import sys
 import time
 
 import grain
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mmrec_jax import sources
 from mmrec_jax import tokenizer as tokenizer_lib
@@ -75,6 +80,39 @@ def _fingerprint(d, split, extra):
   return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
 
+# ------------------------------------------------------------- multi-process
+
+BARRIER_TIMEOUT_MS = 24 * 3600 * 1000   # process 0 may tokenize a large corpus meanwhile
+
+
+def barrier(name):
+  """Every process waits here until all arrive (no-op with one process)."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  if client is not None:  # the coordinator's barrier: no collective timeout while waiting
+    client.wait_at_barrier(f"mmrec_{name}", BARRIER_TIMEOUT_MS)
+  multihost_utils.sync_global_devices(f"mmrec_{name}")
+
+
+def process_0_first(name, fn):
+  """`fn()` on process 0, then on the others once it is done (they find its files).
+
+  A failure on process 0 still releases the others (who then fail the same way).
+  """
+  if jax.process_count() == 1:
+    return fn()
+  if jax.process_index() == 0:
+    try:
+      out = fn()
+    finally:
+      barrier(name)
+    return out
+  barrier(name)
+  return fn()
+
+
 # ------------------------------------------------------------------ tokenizer
 
 
@@ -84,7 +122,13 @@ def get_tokenizer(config, workdir=None):
   Training uses the train split (at most `data.tokenizer_max_bytes`) and is
   cached by fingerprint. The result is written to `workdir/tokenizer.json`
   and must have exactly `model.vocab_size` tokens (else `DataError`).
+  Multi-process: process 0 does this first; the others then load its
+  `workdir/tokenizer.json` (the workdir must be shared) and write nothing.
   """
+  return process_0_first("tokenizer", lambda: _get_tokenizer(config, workdir))
+
+
+def _get_tokenizer(config, workdir):
   d, vocab_size = config.data, config.model.vocab_size
   run_path = os.path.join(workdir, "tokenizer.json") if workdir else ""
   if d.tokenizer:
@@ -106,7 +150,8 @@ def get_tokenizer(config, workdir=None):
       log.info("trained a %d-token BPE in %.1fs", vocab_size, time.time() - t0)
     where = "trained tokenizer"
   tokenizer_lib.check_tokenizer(tok, vocab_size, where)
-  if run_path and os.path.abspath(where) != os.path.abspath(run_path):
+  if (run_path and os.path.abspath(where) != os.path.abspath(run_path)
+      and jax.process_index() == 0):
     tokenizer_lib.save_tokenizer(tok, run_path)
   return tok
 
@@ -156,7 +201,12 @@ def _tokenize_to_file(docs, tok, path):
 
 
 def cached_tokens(d, split, tok):
-  """Memory-mapped token ids of one split, tokenized once and cached."""
+  """Memory-mapped token ids of one split, tokenized once and cached (by process 0
+  first when there are several)."""
+  return process_0_first(f"tokens_{split}", lambda: _cached_tokens(d, split, tok))
+
+
+def _cached_tokens(d, split, tok):
   dtype = token_dtype(tok.get_vocab_size())
   fp = _fingerprint(d, split, hashlib.sha256(tok.to_str().encode()).hexdigest())
   path = os.path.join(cache_dir(d), f"tokens-{split}-{fp}.{np.dtype(dtype).name}")
@@ -238,6 +288,24 @@ def eval_batches(tokens, seq_len, batch_size, *, eod_id, pad_id, bytes_per_token
   return out
 
 
+class _ProcessRows(grain.MapDataset):
+  """This process's rows of every global batch: element i of it is element
+  g*B + p*b + j of `parent` (g, j = divmod(i, b); b rows per process, B = P*b)."""
+
+  def __init__(self, parent, process_index, process_count, rows):
+    super().__init__(parent)
+    self.p, self.n, self.b = process_index, process_count, rows
+
+  def __len__(self):
+    return len(self._parent) // self.n
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    g, j = divmod(index, self.b)
+    return self._parent[g * self.b * self.n + self.p * self.b + j]
+
+
 @dataclasses.dataclass
 class Datasets:
   """Train and validation data of one process."""
@@ -262,7 +330,8 @@ class Datasets:
     """The infinite `grain.MapDataset` of this process's train batches."""
     ds = grain.MapDataset.source(Windows(self.train_tokens, self.seq_len))
     ds = ds.shuffle(seed=self.seed).repeat()
-    ds = ds[self.process_index::self.process_count]
+    if self.process_count > 1:
+      ds = _ProcessRows(ds, self.process_index, self.process_count, self.batch_size)
     return ds.batch(self.batch_size, drop_remainder=True, batch_fn=_BatchFn(self.eod_id))
 
   def train_iter(self):

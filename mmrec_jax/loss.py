@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 BATCH_KEYS = ("inputs", "targets", "reset", "mask")
 MAX_LOG_PERPLEXITY = 80.0   # perplexity is reported as exp(min(loss, 80))
@@ -42,6 +44,17 @@ def make_eval_step(model):
   return eval_step
 
 
+def global_sum(x):
+  """The sum over all processes of a host integer (exact up to 2**62; every process
+  must call it). One process: `x` itself."""
+  if jax.process_count() == 1:
+    return int(x)
+  x = int(x)
+  parts = np.array([x >> 31, x & (2**31 - 1)], np.int32)   # int32: x64 may be off
+  got = np.asarray(multihost_utils.process_allgather(parts)).astype(np.int64)
+  return int(np.sum(got[:, 0]) * 2**31 + np.sum(got[:, 1]))
+
+
 def summarize(ce_sum, n, correct, n_bytes):
   """The metrics from the sums (bits_per_byte is NaN when no bytes are known)."""
   n = float(n)
@@ -55,7 +68,9 @@ def evaluate(eval_step, params, batches, put=None):
   """Metrics over `batches` (dicts with BATCH_KEYS and optionally 'bytes').
 
   `eval_step` is a jitted `make_eval_step(model)`; `put` places a batch on the
-  devices (default: as is).
+  devices (default: as is). Multi-process: every process passes its rows of the same
+  global batches; the step's sums are global, and so is the byte count (summed over
+  processes here), so every figure is the global one.
   """
   tot = {"ce_sum": 0.0, "n": 0.0, "correct": 0.0}
   n_bytes = 0
@@ -66,4 +81,4 @@ def evaluate(eval_step, params, batches, put=None):
       tot[k] += float(out[k])
     if "bytes" in b:
       n_bytes += int(np.sum(np.asarray(b["bytes"]) * (np.asarray(b["mask"]) > 0)))
-  return summarize(tot["ce_sum"], tot["n"], tot["correct"], n_bytes)
+  return summarize(tot["ce_sum"], tot["n"], tot["correct"], global_sum(n_bytes))

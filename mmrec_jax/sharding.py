@@ -11,6 +11,7 @@ import os
 import jax
 import numpy as np
 from flax import linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmrec_jax.errors import ConfigError
@@ -33,38 +34,115 @@ LOGICAL_RULES = (
 
 
 def maybe_initialize_distributed():
-  """Calls jax.distributed.initialize() when the environment says multi-process."""
+  """Calls jax.distributed.initialize() when the environment says multi-process.
+
+  Explicit setup (`mmrec_jax.launch.local`, `launch/multinode.sh`): JAX_COORDINATOR_ADDRESS
+  (host:port of process 0), MMREC_NUM_PROCESSES and MMREC_PROCESS_ID; otherwise JAX
+  detects the cluster itself (SLURM, Cloud TPU, ...). MMREC_DISTRIBUTED=0 turns it off.
+  """
   env = os.environ
   multi = (env.get("MMREC_DISTRIBUTED") == "1" or "JAX_COORDINATOR_ADDRESS" in env
            or int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env
            or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
-  if multi and env.get("MMREC_DISTRIBUTED") != "0":
-    jax.distributed.initialize()
-  return multi
+  if not multi or env.get("MMREC_DISTRIBUTED") == "0":
+    return False
+  kw = {}
+  if "MMREC_NUM_PROCESSES" in env:
+    kw = {"coordinator_address": env.get("JAX_COORDINATOR_ADDRESS"),
+          "num_processes": int(env["MMREC_NUM_PROCESSES"]),
+          "process_id": int(env["MMREC_PROCESS_ID"])}
+    if not kw["coordinator_address"]:
+      raise ConfigError("MMREC_NUM_PROCESSES is set but JAX_COORDINATOR_ADDRESS (host:port of "
+                        "process 0) is not")
+  if env.get("JAX_PLATFORMS", "") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation",
+                      env.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION", "gloo"))
+  jax.distributed.initialize(**kw)
+  return True
 
 
-def mesh_shape(mesh_cfg, n_devices):
-  """Resolves the (data, fsdp, tensor) sizes; -1 takes the rest of the devices."""
-  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+DCN_AXES = ("dcn_data", "dcn_fsdp")   # config fields: slices / nodes per data, fsdp axis
+
+
+def _resolve(sizes, n_devices, what):
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if n_devices % known:
-      raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: {n_devices} devices are not "
-                       f"divisible by {known}")
+      raise ConfigError(f"mesh {what}: {n_devices} devices are not divisible by {known}")
     sizes[sizes.index(-1)] = n_devices // known
   if int(np.prod(sizes)) != n_devices:
-    raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices "
-                     f"but {n_devices} are available; set --config.mesh.data=-1")
+    raise ConfigError(f"mesh {what} needs {int(np.prod(sizes))} devices but {n_devices} are "
+                      "available; set --config.mesh.data=-1")
   return tuple(sizes)
 
 
+def hybrid_shape(mesh_cfg, n_devices):
+  """(ici, dcn): per-slice (data, fsdp, tensor) sizes and how many slices / nodes each
+  axis spans over the data-center network; the mesh is their product."""
+  dcn = (int(mesh_cfg.get("dcn_data", 1)), int(mesh_cfg.get("dcn_fsdp", 1)), 1)
+  n_slices = int(np.prod(dcn))
+  if n_devices % n_slices:
+    raise ConfigError(f"mesh.dcn_data*mesh.dcn_fsdp={n_slices} slices do not divide the "
+                      f"{n_devices} devices")
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  what = dict(zip(MESH_AXES, sizes))
+  if n_slices > 1:
+    what = f"{what} per slice (x {dict(zip(DCN_AXES, dcn[:2]))})"
+  return _resolve(sizes, n_devices // n_slices, what), dcn
+
+
+def mesh_shape(mesh_cfg, n_devices):
+  """The (data, fsdp, tensor) sizes; -1 takes the rest of the devices (of a slice)."""
+  ici, dcn = hybrid_shape(mesh_cfg, n_devices)
+  return tuple(i * d for i, d in zip(ici, dcn))
+
+
+def _granules(devices, n):
+  """The devices in `n` equal groups in (process, id) order: consecutive processes (hosts)
+  form one node when the nodes run several processes (e.g. one per GPU)."""
+  devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+  k = len(devices) // n
+  return [devices[i * k:(i + 1) * k] for i in range(n)]
+
+
 def make_mesh(mesh_cfg, devices=None):
-  """A Mesh with axes (data, fsdp, tensor) over `devices` (default: all), laid out by
-  `jax.make_mesh` for the devices' topology (no silent fallback)."""
+  """A Mesh with axes (data, fsdp, tensor) over `devices` (default: all).
+
+  One slice (dcn_* = 1): laid out by `jax.make_mesh` for the devices' topology. Several
+  slices / nodes: a hybrid mesh, each slice's devices laid out for its fast interconnect
+  (ICI / NVLink) and the data / fsdp axes extended across slices over the data-center
+  network (`mesh_utils.create_hybrid_device_mesh`). No silent fallback: a layout that
+  cannot be built is a ConfigError.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(mesh_cfg, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  ici, dcn = hybrid_shape(mesh_cfg, len(devices))
+  shape = tuple(i * d for i, d in zip(ici, dcn))
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if int(np.prod(dcn)) == 1:
+    try:
+      return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=axis_types)
+    except (ValueError, NotImplementedError, AssertionError) as e:
+      raise ConfigError(f"no device layout for mesh {dict(zip(MESH_AXES, shape))} on "
+                        f"{len(devices)} {devices[0].device_kind} devices: {e}") from None
+  n_slices = int(np.prod(dcn))
+  n_proc = len({d.process_index for d in devices})
+  slices = {getattr(d, "slice_index", None) for d in devices}
+  try:
+    if len(slices) == n_slices and None not in slices or n_proc == n_slices:
+      # TPU slices, or one process per node: JAX's own grouping
+      arr = mesh_utils.create_hybrid_device_mesh(
+          ici, dcn, devices, allow_split_physical_axes=True,
+          process_is_granule=not (len(slices) == n_slices and None not in slices))
+    else:   # several processes per node (e.g. one per GPU), or one process (tests)
+      sub = [mesh_utils.create_device_mesh(ici, g, allow_split_physical_axes=True)
+             for g in _granules(devices, n_slices)]
+      blocks = np.empty(len(sub), object)
+      blocks[:] = sub
+      arr = np.block(blocks.reshape(dcn).tolist())
+  except (ValueError, NotImplementedError, AssertionError) as e:
+    raise ConfigError(f"no hybrid device layout for mesh {dict(zip(MESH_AXES, ici))} per "
+                      f"slice x {dict(zip(DCN_AXES, dcn[:2]))}: {e}") from None
+  return jax.sharding.Mesh(arr, MESH_AXES, axis_types=axis_types)
 
 
 def _fit_spec(spec, shape, mesh):

@@ -67,6 +67,10 @@ def make_config(name, kind="mmrec", **model_fields):
   s.data = -1
   s.fsdp = 1
   s.tensor = 1
+  # Multi-slice TPU / multi-node GPU: how many slices (nodes) the data / fsdp axes span
+  # over the slow data-center network; the axes above are then per slice (node).
+  s.dcn_data = 1
+  s.dcn_fsdp = 1
   return c
 
 
@@ -108,6 +112,9 @@ def validate(c):
     _check(isinstance(v, int) and (v > 0 or v == -1),
            f"mesh.{ax}={v!r} must be a positive integer or -1 (the rest of the devices)")
   _check(list(c.mesh.values()).count(-1) <= 1, "at most one mesh axis may be -1")
+  for ax in ("dcn_data", "dcn_fsdp"):
+    v = c.mesh.get(ax, 1)
+    _check(isinstance(v, int) and v > 0, f"mesh.{ax}={v!r} must be a positive integer")
   _check(0.0 <= c.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
   for f in ("max_bytes", "num_workers", "tokenizer_max_bytes", "prefetch"):
     v = c.data[f]

@@ -222,7 +222,7 @@ class Loop:
              f"{models.count_params(self.s.abstract_state.params):,} parameters; "
              f"{n_dev} x {self.s.mesh.devices.flat[0].device_kind} devices, mesh "
              f"{dict(zip(self.s.mesh.axis_names, self.s.mesh.devices.shape))}")
-    val_tokens = sum(int(np.sum(b["mask"])) for b in self.val_batches)
+    val_tokens = loss_lib.global_sum(sum(int(np.sum(b["mask"])) for b in self.val_batches))
     self.log(f"data: {config.data.path or 'built-in corpus (Python standard library sources)'}; "
              f"{self.ds.num_train_windows:,} training windows of {t.seq_len} tokens "
              f"({self.steps_per_epoch:,} steps per epoch), {len(self.val_batches)} validation "
@@ -243,6 +243,7 @@ class Loop:
       self.log(f"warning: checkpoint step {bad} is unreadable ({why}); moved to {moved}, "
                f"resuming from step {step}")
     if skipped:
+      data_lib.barrier("checkpoint_fallback")  # process 0 has moved them: all see it
       self.mngr.reload()
     self.it.set_state(data_state)
     self.start = int(meta["step"])

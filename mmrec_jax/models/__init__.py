@@ -24,6 +24,7 @@ from flax import linen as nn
 
 from mmrec_jax.errors import ConfigError
 from mmrec_jax.models import mmrec
+from mmrec_jax.models import transformer
 from mmrec_jax.models.base import BaseConfig
 
 # kind -> (schema, module)
@@ -35,6 +36,7 @@ def register(kind, schema, module):
 
 
 register("mmrec", mmrec.MMRecConfig, mmrec.MMRec)
+register("transformer", transformer.TransformerConfig, transformer.Transformer)
 
 DEFAULT_KIND = "mmrec"
 

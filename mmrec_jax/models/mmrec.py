@@ -65,7 +65,10 @@ class MMRecConfig(base.BaseConfig):
   def validate(self):
     super().validate()
     base.check(self.kind == "mmrec", f"MMRecConfig has kind {self.kind!r}")
-    base.positive_ints(self, ("chunk_size", "mem_slots", "mem_levels", "scan_chunk",
+    base.check(isinstance(self.mem_levels, int) and self.mem_levels >= 0,
+               f"model.mem_levels must be an integer >= 0 (0: no long-term memory), got "
+               f"{self.mem_levels!r}")
+    base.positive_ints(self, ("chunk_size", "mem_slots", "scan_chunk",
                               "mdi_hidden_div"))
     base.check(self.d_model % self.mdi_hidden_div == 0,
                f"model.d_model={self.d_model} is not divisible by "
@@ -97,7 +100,12 @@ class MMRecConfig(base.BaseConfig):
 
   @property
   def mem_readable_slots(self):
-    return mem_lib.readable_slots(self.mem_levels, self.mem_slots)
+    return mem_lib.readable_slots(self.mem_levels, self.mem_slots) if self.mem_levels else 0
+
+  @property
+  def n_slices(self):
+    """Slices of the fused projection: q (the memory query, only with a memory), k, v, z, i."""
+    return 5 if self.mem_levels else 4
 
 
 @struct.dataclass
@@ -311,11 +319,13 @@ class Block(nn.Module):
     hid = D // cfg.mdi_hidden_div
     out_scale = 1.0 / (2 * cfg.n_layers)
     xn_BTD = rms_norm(cfg, "norm_mix")(x_BTD)
-    # One fused projection: kernel [D, 5, D], slices q, k, v, z, i of its middle axis.
-    fused_BT5D = nn.DenseGeneral(
-        (5, D), use_bias=False, dtype=dt, param_dtype=cfg.params_dtype,
+    # One fused projection: kernel [D, 5, D], slices q, k, v, z, i of its middle axis
+    # ([D, 4, D] without q when there is no memory).
+    n = cfg.n_slices
+    fused_BTnD = nn.DenseGeneral(
+        (n, D), use_bias=False, dtype=dt, param_dtype=cfg.params_dtype,
         kernel_init=logical(layers.scaled(), "embed", None, "fused"), name="fused")(xn_BTD)
-    q_BTD, k_BTD, v_BTD, z_BTD, i_BTD = (fused_BT5D[..., j, :] for j in range(5))
+    k_BTD, v_BTD, z_BTD, i_BTD = (fused_BTnD[..., j, :] for j in range(n - 4, n))
 
     # MDI: log a = log sig(lam + f_base(z)) + log sig(f_ctx(k)), decay in (0, 1).
     half = _half_decay_logit(cfg.decay_min, cfg.decay_max)
@@ -332,9 +342,13 @@ class Block(nn.Module):
     h_BTD = linear_scan(a_BTD, b_BTD, state.h, reset_BT, impl=cfg.scan_impl,
                         chunk=cfg.scan_chunk)
 
-    mem_BTD, (memory, pos, csum, cw) = HDSMemory(cfg, name="memory")(h_BTD, q_BTD, reset_BT,
-                                                                      state)
-    y_BTD = (h_BTD.astype(dt) + mem_BTD) * nn.gelu(v_BTD)
+    if cfg.mem_levels:
+      mem_BTD, (memory, pos, csum, cw) = HDSMemory(cfg, name="memory")(
+          h_BTD, fused_BTnD[..., 0, :], reset_BT, state)
+      y_BTD = (h_BTD.astype(dt) + mem_BTD) * nn.gelu(v_BTD)
+    else:  # no long-term memory: nothing written, nothing read, no parameters
+      memory, pos, csum, cw = state.memory, state.pos, state.chunk_sum, state.chunk_weight
+      y_BTD = h_BTD.astype(dt) * nn.gelu(v_BTD)
     y_BTD = dense(D, ("kv", "embed"), cfg, "mix_out", init_scale=out_scale)(y_BTD)
     y_BTD = nn.Dropout(cfg.dropout)(y_BTD, deterministic=self.deterministic)
     x_BTD = x_BTD + y_BTD
@@ -375,8 +389,10 @@ class MMRec(nn.Module):
     """The decoding state at a document start: fixed size, stacked over layers."""
     c = self.cfg
     L, D = c.n_layers, c.d_model
-    one = mem_lib.empty_memory(c.mem_levels, c.mem_slots, 2 * D)  # key and value per slot
-    memory = jax.tree_util.tree_map(lambda v: jnp.broadcast_to(v, (L, batch) + v.shape), one)
+    memory = None   # no long-term memory (mem_levels=0)
+    if c.mem_levels:
+      one = mem_lib.empty_memory(c.mem_levels, c.mem_slots, 2 * D)  # key and value per slot
+      memory = jax.tree_util.tree_map(lambda v: jnp.broadcast_to(v, (L, batch) + v.shape), one)
     return LayerState(h=jnp.zeros((L, batch, D), jnp.float32), memory=memory,
                       pos=jnp.zeros((L, batch), jnp.int32),
                       chunk_sum=jnp.zeros((L, batch, D), jnp.float32),
@@ -399,13 +415,15 @@ class MMRec(nn.Module):
     hid = D // cfg.mdi_hidden_div
     F = cfg.ffn_mult * D
     M = cfg.mem_readable_slots
-    per_layer = 2 * D * 5 * D                                  # fused projection
+    per_layer = 2 * D * cfg.n_slices * D                       # fused projection
     per_layer += (2 * 2 * D * cfg.rank) if cfg.use_dpg else (2 * 2 * D * hid)  # f_base
     per_layer += 2 * 2 * D * hid                               # f_ctx
-    per_layer += 2 * D                                         # pooling weight
-    per_layer += 3 * 2 * D * D / cfg.chunk_size                # summary, key, value per chunk
-    per_layer += 2 * 2 * D * M                                 # memory attention
-    per_layer += 2 * D * D * 2                                 # memory out + mixer out
+    if cfg.mem_levels:
+      per_layer += 2 * D                                       # pooling weight
+      per_layer += 3 * 2 * D * D / cfg.chunk_size              # summary, key, value per chunk
+      per_layer += 2 * 2 * D * M                               # memory attention
+      per_layer += 2 * D * D                                   # memory out
+    per_layer += 2 * D * D                                     # mixer out
     per_layer += 10 * D                                        # scans and gates (elementwise)
     if cfg.use_moe:  # router, and the expert FFNs the implementation computes per token
       per_layer += 2 * D * cfg.moe_experts + moe_experts_run(cfg) * (2 * 2 * D * F)

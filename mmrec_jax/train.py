@@ -65,10 +65,7 @@ def main(argv):
 
 
 def define_flags():
-  config_flags.DEFINE_config_file(
-      "config", None, "Config file, e.g. configs/tiny.py. Override any field with "
-      "--config.section.field=value (e.g. --config.train.steps=2000); --print_config lists "
-      "them.", lock_config=False)
+  config_flags.DEFINE_config_file("config", None, cli.config_help(), lock_config=False)
   flags.DEFINE_string("workdir", None, "Run directory (default: runs/<model name>).")
   flags.DEFINE_bool("print_config", False, "Print the config's fields and values, then exit.")
   flags.mark_flag_as_required("config")

@@ -162,8 +162,31 @@ def logical_shardings(abstract_boxed, mesh, rules=LOGICAL_RULES):
   do not divide a dimension dropped."""
   specs = nn.get_partition_spec(abstract_boxed)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-  return jax.tree.map(lambda s, x: NamedSharding(mesh, _fit_spec(s.spec, x.shape, mesh)),
-                      shardings, nn.unbox(abstract_boxed))
+  return jax.tree.map(
+      lambda s, x, names: NamedSharding(mesh, _fsdp_fallback(
+          _fit_spec(s.spec, x.shape, mesh), x.shape, tuple(names), mesh)),
+      shardings, nn.unbox(abstract_boxed), specs)
+
+
+FSDP_MIN_SIZE = 1 << 18   # smaller arrays stay replicated when no logical axis maps to fsdp
+
+
+def _fsdp_fallback(spec, shape, names, mesh):
+  """FSDP shards every large array: one whose logical axes give it no `fsdp` dimension
+  (e.g. a [layers, kv, kv] kernel) gets its largest free dimension that `fsdp` divides
+  (never the stacked `layers` axis, which the layer scan slices)."""
+  n = mesh.shape.get("fsdp", 1)
+  used = {a for ax in spec for a in ((ax,) if isinstance(ax, str) else tuple(ax or ()))}
+  if n == 1 or "fsdp" in used or int(np.prod(shape)) < FSDP_MIN_SIZE:
+    return spec
+  full = tuple(spec) + (None,) * (len(shape) - len(spec))
+  names = names + (None,) * (len(shape) - len(names))
+  free = [i for i, (ax, dim) in enumerate(zip(full, shape))
+          if ax is None and names[i] != "layers" and dim % n == 0]
+  if not free:
+    return spec
+  i = max(free, key=lambda i: shape[i])
+  return P(*(full[:i] + ("fsdp",) + full[i + 1:]))
 
 
 def mirror_shardings(abstract_tree, param_shardings, param_shapes, mesh):

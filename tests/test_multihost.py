@@ -4,6 +4,7 @@ onto other process counts and meshes; the hybrid (ICI x DCN) mesh; the launchers
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -297,3 +298,41 @@ def test_multinode_dry_run():
             f"\\ python\\ -m\\ mmrec_jax.train\\ --config=configs/small.py") in line
   rc, _, err = script("multinode.sh")
   assert rc == 2 and "usage" in err
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+@pytest.mark.slow
+def test_plan_command_small_model():
+  args = [f"--config.{k}={v}" for k, v in OVERRIDES.items() if k.startswith("model.")]
+  proc = subprocess.run(
+      [sys.executable, "-m", "mmrec_jax.plan", f"--config={TINY}", "--devices=4",
+       "--mesh=data:1,fsdp:4,tensor:1", "--batch_size=8", "--seq_len=64", "--n_layers=1",
+       "--device_kind=v5p", "--mfu=0.5", *args],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO))
+  out = proc.stdout
+  assert proc.returncode == 0, (out + proc.stderr)[-3000:]
+  assert "4 x v5p (95 GB, 459 TFLOP/s bf16); mesh data 1, fsdp 4, tensor 1" in out
+  assert "memory per device (per-layer extrapolation):" in out and ": fits" in out
+  m = re.search(r"from flops_per_token .*? does ([\d.e+]+) \(([\d.]+)x", out)
+  assert m and 0.8 < float(m.group(2)) < 3.0, out
+  m = re.search(r"at 50% MFU: ([\d.]+) s per step, ([\d,]+) tokens/s", out)
+  assert m and int(m.group(2).replace(",", "")) > 0
+
+
+def test_plan_mesh_flag_and_advice():
+  from mmrec_jax import plan  # pylint: disable=import-outside-toplevel
+  assert plan.parse_mesh("data:1,fsdp:-1,tensor:2,dcn_data:2") == {
+      "data": 1, "fsdp": -1, "tensor": 2, "dcn_data": 2}
+  with pytest.raises(plan.UsageError, match="AXIS:SIZE"):
+    plan.parse_mesh("dp:8")
+  p = {"hbm": 16e9, "params": 6e9, "opt_state": 12e9, "batch": 1e6, "code": 1e6,
+       "activations": 30e9, "mesh": {"data": 1, "fsdp": 8, "tensor": 1}, "remat": "dots",
+       "grad_accum": 1}
+  advice = " ".join(plan.suggestions(p, None))
+  assert "at least" in advice and "--mesh=data:1,fsdp:-1" in advice
+  assert "--config.model.remat=full" in advice
+  p.update(params=1e9, opt_state=2e9)
+  assert "--config.train.grad_accum=4" in " ".join(plan.suggestions(p, None))

@@ -1,0 +1,282 @@
+"""Will a run fit, and how fast will it go? Plans a training run before renting devices.
+
+    python -m mmrec_jax.plan --config=configs/7b.py --devices=64 \
+        --mesh=data:1,fsdp:64,tensor:1 --device_kind=v5p [--batch_size=512 --seq_len=8192
+        --mfu=0.4 --n_layers=1 --config.model.remat=full]
+
+Lowers and compiles the train step for `--devices` devices without allocating any
+parameter: abstract shapes on that many host (CPU) devices, so it runs on a laptop.
+Prints per-device memory for the parameters and the optimizer state (from their
+shardings) and for the activations and other temporaries (the compiled program's
+memory analysis), the FLOPs of a step (its cost analysis, next to the model's
+`flops_per_token`), and the step time and tokens/s at the device's bf16 peak and
+`--mfu`; says plainly when it does not fit the device's memory and what to change.
+
+`--n_layers=K` compiles K and K+1 layers (unrolled) and extrapolates the per-layer
+activation memory and FLOPs linearly to the model's depth: compiling a 7B model for 64
+devices on a small machine takes long otherwise. Parameters and optimizer state are
+always exact for the full model. The memory analysis is of the program XLA compiles
+for host CPUs: temporaries on a TPU or GPU differ (other fusion, bf16 kept native),
+so treat activations as an estimate with ~20% headroom.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+
+_DEVICES_ENV = "MMREC_PLAN_DEVICES"
+
+
+def _reexec_with_devices():
+  """The host device count must be set before JAX starts: run again with it set."""
+  n = None
+  for i, a in enumerate(sys.argv[1:], 1):
+    m = re.fullmatch(r"--devices=(\d+)", a)
+    if m:
+      n = int(m.group(1))
+    elif a == "--devices" and i + 1 < len(sys.argv):
+      n = int(sys.argv[i + 1]) if sys.argv[i + 1].isdigit() else None
+  if n is None or os.environ.get(_DEVICES_ENV) == str(n):
+    return
+  xla = [f for f in os.environ.get("XLA_FLAGS", "").split()
+         if not f.startswith("--xla_force_host_platform_device_count")]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **{_DEVICES_ENV: str(n)},
+             XLA_FLAGS=" ".join(xla + [f"--xla_force_host_platform_device_count={n}"]))
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  os.execve(sys.executable, [sys.executable, "-m", "mmrec_jax.plan", *sys.argv[1:]], env)
+
+
+if __name__ == "__main__":
+  _reexec_with_devices()
+
+# pylint: disable=wrong-import-position
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mmrec_jax import cli  # noqa: E402
+from mmrec_jax import config as config_lib  # noqa: E402
+from mmrec_jax import loss as loss_lib  # noqa: E402
+from mmrec_jax import sharding as shard_lib  # noqa: E402
+from mmrec_jax import train_state as ts_lib  # noqa: E402
+from mmrec_jax.errors import ConfigError, UsageError  # noqa: E402
+
+# Per device: memory in bytes, dense bf16 peak FLOP/s (vendor figures).
+DEVICES = {
+    "H100": (80e9, 989e12), "H200": (141e9, 989e12), "A100": (80e9, 312e12),
+    "B200": (180e9, 2250e12), "v5p": (95e9, 459e12), "v4": (32e9, 275e12),
+    "v5e": (16e9, 197e12), "v6e": (32e9, 918e12),
+}
+HEADROOM = 0.9   # plan to use at most this much of a device's memory
+GB = 1e9
+
+
+def parse_mesh(text):
+  """'data:1,fsdp:64,tensor:1[,dcn_data:2]' -> {axis: size}."""
+  out = {}
+  allowed = shard_lib.MESH_AXES + shard_lib.DCN_AXES
+  for part in filter(None, text.split(",")):
+    name, _, size = part.partition(":")
+    if name not in allowed or not re.fullmatch(r"-?\d+", size):
+      raise UsageError(f"--mesh={text!r}: each part is AXIS:SIZE with AXIS one of "
+                       f"{', '.join(allowed)}, e.g. data:1,fsdp:64,tensor:1")
+    out[name] = int(size)
+  return out
+
+
+def shard_bytes(tree):
+  """Bytes per device of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    total += int(np.prod(shape)) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def compile_step(config, devices):
+  """Compiles the train step on abstract inputs: sizes in bytes per device and FLOPs."""
+  s = ts_lib.setup(config, devices)
+  t = config.train
+  bsh = shard_lib.batch_sharding(s.mesh)
+  shapes = {"inputs": jnp.int32, "targets": jnp.int32, "reset": jnp.bool_,
+            "mask": jnp.float32}
+  batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), dt, sharding=bsh)
+           for k, dt in shapes.items()}
+  t0 = time.perf_counter()
+  compiled = s.train_step.lower(s.abstract_state, batch).compile()
+  secs = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {
+      "params": shard_bytes(s.abstract_state.params),
+      "opt_state": shard_bytes(s.abstract_state.opt_state),
+      "batch": shard_bytes(batch),
+      "temp": int(mem.temp_size_in_bytes),
+      "code": int(mem.generated_code_size_in_bytes),
+      "flops": float(cost.get("flops", 0.0)),
+      "compile_s": secs, "setup": s,
+  }
+
+
+def plan(config, n_devices, device_kind, mfu, n_layers=0, log=print):
+  """Compiles (or extrapolates) and returns the figures as a dict; `log` gets progress."""
+  if device_kind not in DEVICES:
+    raise UsageError(f"--device_kind={device_kind!r}: one of {', '.join(DEVICES)}")
+  devices = jax.devices()
+  if len(devices) < n_devices:
+    raise UsageError(f"{len(devices)} host devices but --devices={n_devices}; run as "
+                     "python -m mmrec_jax.plan (it sets the host device count)")
+  devices = devices[:n_devices]
+  L, t = config.model.n_layers, config.train
+  if n_layers and n_layers >= L:
+    n_layers = 0
+  full = None
+  if n_layers:
+    runs = []
+    for k in (n_layers, n_layers + 1):
+      c = config.copy_and_resolve_references()
+      c.model.n_layers, c.model.scan_layers = k, False
+      log(f"compiling the train step with {k} layer(s) for {n_devices} devices ...")
+      runs.append(compile_step(c, devices))
+      log(f"  {k} layer(s): temporaries {runs[-1]['temp'] / GB:.2f} GB, "
+          f"{runs[-1]['flops']:.3e} FLOPs per device, {runs[-1]['compile_s']:.0f} s")
+    a, b = runs
+    per_layer = {k: b[k] - a[k] for k in ("temp", "flops")}
+    est = {k: a[k] + (L - n_layers) * per_layer[k] for k in ("temp", "flops")}
+    compile_s = a["compile_s"] + b["compile_s"]
+    code = b["code"]
+    full = ts_lib.setup(config, devices)
+    params = shard_bytes(full.abstract_state.params)
+    opt_state = shard_bytes(full.abstract_state.opt_state)
+    batch_b = a["batch"]
+  else:
+    c = config.copy_and_resolve_references()
+    c.model.scan_layers = False   # unrolled: the cost analysis counts every layer
+    log(f"compiling the train step ({L} layers) for {n_devices} devices ...")
+    r = compile_step(c, devices)
+    est = {"temp": r["temp"], "flops": r["flops"]}
+    compile_s, code, params, opt_state, batch_b = (r["compile_s"], r["code"], r["params"],
+                                                   r["opt_state"], r["batch"])
+    full = r["setup"]
+  hbm, peak = DEVICES[device_kind]
+  tokens = t.batch_size * t.seq_len
+  model_flops = ts_lib.flops_per_token_train(full, t.seq_len) * tokens   # whole step
+  total = params + opt_state + batch_b + est["temp"] + code
+  step_s = model_flops / (n_devices * peak * mfu)
+  return {
+      "devices": n_devices, "device_kind": device_kind, "hbm": hbm, "peak": peak, "mfu": mfu,
+      "mesh": dict(full.mesh.shape), "n_params": sum(
+          int(np.prod(x.shape)) for x in jax.tree.leaves(full.abstract_state.params)),
+      "params": params, "opt_state": opt_state, "batch": batch_b, "activations": est["temp"],
+      "code": code, "total": total, "fits": total <= HEADROOM * hbm,
+      "compiled_flops": est["flops"] * n_devices, "model_flops": model_flops,
+      "tokens": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
+      "compile_s": compile_s, "extrapolated": bool(n_layers),
+      "remat": config.model.remat, "grad_accum": t.grad_accum,
+  }
+
+
+def suggestions(p, config):
+  """What would make a plan that does not fit fit (one line each)."""
+  out, budget = [], HEADROOM * p["hbm"]
+  state = p["params"] + p["opt_state"]
+  mesh = p["mesh"]
+  if state > 0.5 * budget:
+    shards = mesh["fsdp"] * mesh["tensor"]
+    need = int(np.ceil(state * shards / (0.5 * budget)))
+    out.append(f"parameters + optimizer state take {state / GB:.1f} GB per device: shard "
+               f"them over more devices (fsdp x tensor = {shards} now; at least {need}), "
+               "e.g. --mesh=data:1,fsdp:-1,tensor:1 or more devices")
+  act = p["activations"]
+  room = budget - state - p["batch"] - p["code"]
+  if act > max(room, 0):
+    if p["remat"] in ("none", "dots_no_batch", "dots"):
+      out.append(f"activations take {act / GB:.1f} GB per device: recompute them in the "
+                 "backward pass, --config.model.remat=full")
+    if room > 0:
+      k = int(2 ** np.ceil(np.log2(act / room)))
+      out.append(f"or split the batch into microbatches: --config.train.grad_accum="
+                 f"{p['grad_accum'] * k} (activations / {k}), or lower --batch_size "
+                 f"or --seq_len")
+  return out or ["lower --batch_size or --seq_len, or use more devices"]
+
+
+def report(p, config, log=print):
+  mesh = ", ".join(f"{k} {v}" for k, v in p["mesh"].items())
+  how = " (per-layer extrapolation)" if p["extrapolated"] else ""
+  n = p["n_params"]
+  size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+  log(f"{config.model.name}: {size} parameters; {p['devices']} x "
+      f"{p['device_kind']} ({p['hbm'] / GB:.0f} GB, {p['peak'] / 1e12:.0f} TFLOP/s bf16); "
+      f"mesh {mesh}; batch {config.train.batch_size} x {config.train.seq_len} tokens, "
+      f"remat {p['remat']}, grad_accum {p['grad_accum']}")
+  log(f"memory per device{how}:")
+  for name, key in (("parameters", "params"), ("optimizer state", "opt_state"),
+                    ("activations and temporaries", "activations"), ("batch", "batch"),
+                    ("code", "code")):
+    log(f"  {name:<29}{p[key] / GB:9.2f} GB")
+  verdict = "fits" if p["fits"] else "DOES NOT FIT"
+  log(f"  {'total':<29}{p['total'] / GB:9.2f} GB of {p['hbm'] / GB:.0f} GB: {verdict} "
+      f"(planning to {HEADROOM:.0%})")
+  ratio = p["compiled_flops"] / p["model_flops"] if p["model_flops"] else float("nan")
+  log(f"FLOPs per step: {p['model_flops']:.3e} from flops_per_token (3 x forward); the "
+      f"compiled step does {p['compiled_flops']:.3e} ({ratio:.2f}x: recomputation, "
+      "non-matmul ops, loops counted once)")
+  log(f"at {p['mfu']:.0%} MFU: {p['step_s']:.2f} s per step, {p['tokens_per_s']:,.0f} tokens/s "
+      f"({p['tokens_per_s'] / p['devices']:,.0f} per device); compiled in "
+      f"{p['compile_s']:.0f} s")
+  if not p["fits"]:
+    for s in suggestions(p, config):
+      log(f"  to fit: {s}")
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  config_flags.DEFINE_config_file("config", None, cli.config_help("mmrec_jax.plan",
+                                                                  "configs/7b.py"),
+                                  lock_config=False)
+  flags.DEFINE_integer("devices", None, "Number of devices to plan for.")
+  flags.DEFINE_string("mesh", "", "data:N,fsdp:N,tensor:N[,dcn_data:N,dcn_fsdp:N] "
+                      "(default: the config's mesh).")
+  flags.DEFINE_integer("batch_size", 0, "Global batch size (default: the config's).")
+  flags.DEFINE_integer("seq_len", 0, "Sequence length (default: the config's).")
+  flags.DEFINE_string("device_kind", "H100", f"One of {', '.join(DEVICES)}.")
+  flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step time.")
+  flags.DEFINE_integer("n_layers", 0, "Compile K and K+1 layers and extrapolate (0: all).")
+  flags.mark_flags_as_required(["config", "devices"])
+
+
+def main(argv):
+  del argv
+  c = FLAGS.config
+  if FLAGS.devices < 1:
+    raise UsageError(f"--devices={FLAGS.devices} must be >= 1")
+  for k, v in parse_mesh(FLAGS.mesh).items():
+    c.mesh[k] = v
+  if FLAGS.batch_size:
+    c.train.batch_size = FLAGS.batch_size
+  if FLAGS.seq_len:
+    c.train.seq_len = FLAGS.seq_len
+  if not 0 < FLAGS.mfu <= 1:
+    raise UsageError(f"--mfu={FLAGS.mfu} must be in (0, 1]")
+  config_lib.validate(c)
+  if len(jax.devices()) < FLAGS.devices:
+    raise ConfigError(f"only {len(jax.devices())} host devices; run python -m mmrec_jax.plan")
+  p = plan(c, FLAGS.devices, FLAGS.device_kind, FLAGS.mfu, FLAGS.n_layers)
+  report(p, c)
+
+
+def entry():
+  define_flags()
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  entry()

@@ -83,6 +83,7 @@ def _fingerprint(d, split, extra):
 # ------------------------------------------------------------- multi-process
 
 BARRIER_TIMEOUT_MS = 24 * 3600 * 1000   # process 0 may tokenize a large corpus meanwhile
+_BARRIERS = {}
 
 
 def barrier(name):
@@ -90,10 +91,12 @@ def barrier(name):
   if jax.process_count() == 1:
     return
   from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  _BARRIERS[name] = _BARRIERS.get(name, 0) + 1   # a barrier id is used once
+  name = f"mmrec_{name}_{_BARRIERS[name]}"
   client = distributed.global_state.client
   if client is not None:  # the coordinator's barrier: no collective timeout while waiting
-    client.wait_at_barrier(f"mmrec_{name}", BARRIER_TIMEOUT_MS)
-  multihost_utils.sync_global_devices(f"mmrec_{name}")
+    client.wait_at_barrier(name, BARRIER_TIMEOUT_MS)
+  multihost_utils.sync_global_devices(name)
 
 
 def process_0_first(name, fn):

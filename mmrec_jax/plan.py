@@ -146,8 +146,11 @@ def plan(config, n_devices, device_kind, mfu, n_layers=0, log=print):
       log(f"  {k} layer(s): temporaries {runs[-1]['temp'] / GB:.2f} GB, "
           f"{runs[-1]['flops']:.3e} FLOPs per device, {runs[-1]['compile_s']:.0f} s")
     a, b = runs
-    per_layer = {k: b[k] - a[k] for k in ("temp", "flops")}
-    est = {k: a[k] + (L - n_layers) * per_layer[k] for k in ("temp", "flops")}
+    # XLA's buffer reuse can make K+1 layers need fewer temporaries than K: then the
+    # larger figure plus nothing per layer (a lower bound, said in the report).
+    per_layer = {k: max(b[k] - a[k], 0) for k in ("temp", "flops")}
+    est = {k: max(a[k], b[k]) + (L - n_layers - 1) * per_layer[k] for k in ("temp", "flops")}
+    shrank = b["temp"] < a["temp"]
     compile_s = a["compile_s"] + b["compile_s"]
     code = b["code"]
     full = ts_lib.setup(config, devices)
@@ -163,22 +166,30 @@ def plan(config, n_devices, device_kind, mfu, n_layers=0, log=print):
     compile_s, code, params, opt_state, batch_b = (r["compile_s"], r["code"], r["params"],
                                                    r["opt_state"], r["batch"])
     full = r["setup"]
-  hbm, peak = DEVICES[device_kind]
+    shrank = False
   tokens = t.batch_size * t.seq_len
-  model_flops = ts_lib.flops_per_token_train(full, t.seq_len) * tokens   # whole step
-  total = params + opt_state + batch_b + est["temp"] + code
-  step_s = model_flops / (n_devices * peak * mfu)
-  return {
-      "devices": n_devices, "device_kind": device_kind, "hbm": hbm, "peak": peak, "mfu": mfu,
-      "mesh": dict(full.mesh.shape), "n_params": sum(
+  p = {
+      "devices": n_devices, "mfu": mfu, "mesh": dict(full.mesh.shape), "n_params": sum(
           int(np.prod(x.shape)) for x in jax.tree.leaves(full.abstract_state.params)),
       "params": params, "opt_state": opt_state, "batch": batch_b, "activations": est["temp"],
-      "code": code, "total": total, "fits": total <= HEADROOM * hbm,
-      "compiled_flops": est["flops"] * n_devices, "model_flops": model_flops,
-      "tokens": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
-      "compile_s": compile_s, "extrapolated": bool(n_layers),
-      "remat": config.model.remat, "grad_accum": t.grad_accum,
+      "code": code, "total": params + opt_state + batch_b + est["temp"] + code,
+      "compiled_flops": est["flops"] * n_devices,
+      "model_flops": ts_lib.flops_per_token_train(full, t.seq_len) * tokens,  # whole step
+      "tokens": tokens, "compile_s": compile_s, "extrapolated": bool(n_layers),
+      "lower_bound": shrank, "remat": config.model.remat, "grad_accum": t.grad_accum,
   }
+  return on_device(p, device_kind)
+
+
+def on_device(p, device_kind):
+  """The plan's figures for one kind of device: memory verdict, step time, tokens/s."""
+  if device_kind not in DEVICES:
+    raise UsageError(f"--device_kind={device_kind!r}: one of {', '.join(DEVICES)}")
+  hbm, peak = DEVICES[device_kind]
+  step_s = p["model_flops"] / (p["devices"] * peak * p["mfu"])
+  return dict(p, device_kind=device_kind, hbm=hbm, peak=peak,
+              fits=p["total"] <= HEADROOM * hbm, step_s=step_s,
+              tokens_per_s=p["tokens"] / step_s)
 
 
 def suggestions(p, config):
@@ -220,6 +231,9 @@ def report(p, config, log=print):
                     ("activations and temporaries", "activations"), ("batch", "batch"),
                     ("code", "code")):
     log(f"  {name:<29}{p[key] / GB:9.2f} GB")
+  if p.get("lower_bound"):
+    log("  (activations: a lower bound; the compiled program needed fewer temporaries with "
+        "one more layer; --n_layers=0 compiles every layer for the exact figure)")
   verdict = "fits" if p["fits"] else "DOES NOT FIT"
   log(f"  {'total':<29}{p['total'] / GB:9.2f} GB of {p['hbm'] / GB:.0f} GB: {verdict} "
       f"(planning to {HEADROOM:.0%})")
@@ -247,7 +261,8 @@ def define_flags():
                       "(default: the config's mesh).")
   flags.DEFINE_integer("batch_size", 0, "Global batch size (default: the config's).")
   flags.DEFINE_integer("seq_len", 0, "Sequence length (default: the config's).")
-  flags.DEFINE_string("device_kind", "H100", f"One of {', '.join(DEVICES)}.")
+  flags.DEFINE_string("device_kind", "H100", f"One of {', '.join(DEVICES)}; several, "
+                      "comma-separated, report each from one compile.")
   flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step time.")
   flags.DEFINE_integer("n_layers", 0, "Compile K and K+1 layers and extrapolate (0: all).")
   flags.mark_flags_as_required(["config", "devices"])
@@ -269,8 +284,15 @@ def main(argv):
   config_lib.validate(c)
   if len(jax.devices()) < FLAGS.devices:
     raise ConfigError(f"only {len(jax.devices())} host devices; run python -m mmrec_jax.plan")
-  p = plan(c, FLAGS.devices, FLAGS.device_kind, FLAGS.mfu, FLAGS.n_layers)
-  report(p, c)
+  kinds = FLAGS.device_kind.split(",")
+  for k in kinds:
+    if k not in DEVICES:
+      raise UsageError(f"--device_kind={k!r}: one of {', '.join(DEVICES)}")
+  p = plan(c, FLAGS.devices, kinds[0], FLAGS.mfu, FLAGS.n_layers)
+  for i, k in enumerate(kinds):
+    if i:
+      print()
+    report(on_device(p, k), c)
 
 
 def entry():

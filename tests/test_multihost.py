@@ -202,6 +202,23 @@ def test_hybrid_mesh_shape_and_errors():
     config_lib.validate(c)
 
 
+def test_fsdp_shards_every_large_array():
+  from flax import linen as nn  # pylint: disable=import-outside-toplevel
+  box = lambda shape, names: nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, np.float32),
+                                                     names)
+  tree = {"mem": box((2, 1024, 1024), ("layers", "kv", "kv_out")),
+          "small": box((2, 64, 64), ("layers", "kv", "kv_out")),
+          "mlp": box((2, 1024, 512), ("layers", "embed", "mlp"))}
+  mesh = shard_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}, jax.devices()[:8])
+  sh = shard_lib.logical_shardings(tree, mesh)
+  P = jax.sharding.PartitionSpec
+  assert sh["mem"].spec == P(None, "tensor", "fsdp")   # no logical axis maps to fsdp
+  assert sh["small"].spec == P(None, "tensor", None)   # small: stays replicated
+  assert sh["mlp"].spec == P(None, "fsdp", "tensor")
+  one = shard_lib.make_mesh({"data": 8, "fsdp": 1, "tensor": 1}, jax.devices()[:8])
+  assert shard_lib.logical_shardings(tree, one)["mem"].spec == P(None, "tensor", None)
+
+
 def test_local_launcher_exit_status_and_dry_run():
   assert local.exit_status([0, 0]) == 0
   assert local.exit_status([143, 0]) == 143

@@ -305,6 +305,8 @@ def grow_params(small_params, small_cfg, big_cfg, key, noise=0.0, mesh=None,
   check_growable(small, big, allow_inexact)
   pieces = None if vocab_pieces is None else tuple(tuple(int(i) for i in p)
                                                    for p in vocab_pieces)
+  if mesh is not None:   # the small params, replicated onto the mesh
+    small_params = jax.device_put(small_params, shard_lib.replicated(mesh))
   return _grow_jit(small, big, pieces, mesh)(small_params, key, jnp.float32(noise))
 
 
@@ -435,8 +437,9 @@ def grow_workdir(from_workdir, config, workdir, noise=0.05, allow_inexact=False,
   old_tok = tokenizer_lib.load_tokenizer(os.path.join(from_workdir, "tokenizer.json"))
   tok = big_tokenizer(old_tok, config)
   pieces = new_token_pieces(old_tok, tok)
+  s = ts_lib.setup(config, devices)
   params = grow_params(small_params, small, big, jax.random.key(seed), noise=noise,
-                       vocab_pieces=pieces, allow_inexact=allow_inexact)
+                       vocab_pieces=pieces, allow_inexact=allow_inexact, mesh=s.mesh)
   tokens = _val_tokens(config, old_tok, min(config.train.seq_len, 256))
   diff = logit_diff(small, small_params, big, params, tokens)
   log(f"grew {from_workdir} (step {step}, {small.name}: {models.count_params(small_params):,} "
@@ -448,7 +451,6 @@ def grow_workdir(from_workdir, config, workdir, noise=0.05, allow_inexact=False,
   os.makedirs(tmp)
   tokenizer_lib.save_tokenizer(tok, os.path.join(tmp, "tokenizer.json"))
   ckpt_lib.save_run_config(tmp, config)
-  s = ts_lib.setup(config, devices)
   state = ts_lib.create(s, init_from=params)
   ds = data_lib.build(config, tok)
   mngr = ckpt_lib.make_manager(tmp, keep=config.checkpoint.keep, async_save=False)

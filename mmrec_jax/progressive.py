@@ -5,7 +5,7 @@ learning-rate re-warmup.
     python -m mmrec_jax.progressive --workdir=runs/ladder \
         [--configs=configs/tiny.py,configs/mini.py,configs/small.py] \
         [--steps=600,1000,2000] [--noise=0.05] [--rewarmup=0.03] \
-        [--set=data.path=corpus/ --set=train.batch_size=8]
+        [--set=data.path=corpus/ --set=train.batch_size=8] [--stage_set=1:train.lr=0.002]
 
 Stage i lives in `workdir/<i>_<name>`. Re-running the command after a kill at any
 point resumes: finished stages (their `summary.json` says done / early_stop) are
@@ -63,12 +63,21 @@ def apply_overrides(config, overrides):
   return config
 
 
-def stage_configs(paths, steps, overrides=(), rewarmup=0.03):
-  """The ConfigDict of every stage: its file, the overrides, its steps, and for grown
-  stages a warmup of `rewarmup` x its steps (at least 1)."""
+def stage_configs(paths, steps, overrides=(), rewarmup=0.03, stage_overrides=()):
+  """The ConfigDict of every stage: its file, the overrides (then those of
+  `stage_overrides`, `I:SECTION.FIELD=VALUE` for stage I only), its steps, and for
+  grown stages a warmup of `rewarmup` x its steps (at least 1)."""
+  per_stage = {}
+  for o in stage_overrides or ():
+    i, sep, rest = o.partition(":")
+    if not sep or not i.isdigit() or int(i) >= len(paths):
+      raise ConfigError(f"--stage_set={o}: expected I:SECTION.FIELD=VALUE with a stage "
+                        f"index I in 0..{len(paths) - 1}")
+    per_stage.setdefault(int(i), []).append(rest)
   out = []
   for i, path in enumerate(paths):
     c = apply_overrides(config_lib.load_config_file(path), overrides)
+    c = apply_overrides(c, per_stage.get(i, ()))
     if steps:
       c.train.steps = int(steps[i])
     if i > 0:
@@ -115,7 +124,7 @@ def main(argv):
   if steps and len(steps) != len(paths):
     raise ConfigError(f"--steps has {len(steps)} values for {len(paths)} --configs; give one "
                       "per stage")
-  configs = stage_configs(paths, steps, F.set, F.rewarmup)
+  configs = stage_configs(paths, steps, F.set, F.rewarmup, F.stage_set)
   dirs = [os.path.join(F.workdir, f"{i}_{c.model.name}") for i, c in enumerate(configs)]
   out = run_ladder(configs, dirs, noise=F.noise, allow_inexact=F.allow_inexact, seed=F.seed)
   for i, r in enumerate(out):
@@ -132,6 +141,7 @@ def entry():
   flags.DEFINE_bool("allow_inexact", False, "Grow even where the function changes.")
   flags.DEFINE_integer("seed", 0, "Seed of the growth noise.")
   flags.DEFINE_multi_string("set", [], "SECTION.FIELD=VALUE applied to every stage's config.")
+  flags.DEFINE_multi_string("stage_set", [], "I:SECTION.FIELD=VALUE applied to stage I only.")
   cli.run(main)
 
 

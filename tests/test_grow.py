@@ -188,6 +188,7 @@ def test_inexact_growth_is_a_one_line_error(change, match):
   assert grow.check_growable(small, big, allow_inexact=True)
 
 
+@pytest.mark.slow
 def test_allow_inexact_grows_anyway():
   small, big = cfg(**SMALL), cfg(**dict(SMALL, d_model=24, n_heads=2))
   g = grow.grow_params(params_of(small), small, big, jax.random.key(0), allow_inexact=True)

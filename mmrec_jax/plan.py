@@ -173,7 +173,8 @@ def plan(config, n_devices, device_kind, mfu, n_layers=0, log=print):
           int(np.prod(x.shape)) for x in jax.tree.leaves(full.abstract_state.params)),
       "params": params, "opt_state": opt_state, "batch": batch_b, "activations": est["temp"],
       "code": code, "total": params + opt_state + batch_b + est["temp"] + code,
-      "compiled_flops": est["flops"] * n_devices,
+      # the microbatch loop's body is counted once by the cost analysis
+      "compiled_flops": est["flops"] * n_devices * t.grad_accum,
       "model_flops": ts_lib.flops_per_token_train(full, t.seq_len) * tokens,  # whole step
       "tokens": tokens, "compile_s": compile_s, "extrapolated": bool(n_layers),
       "lower_bound": shrank, "remat": config.model.remat, "grad_accum": t.grad_accum,

@@ -1,7 +1,8 @@
 """What growth saves: `python -m mmrec_jax.bench.grow [--steps=1000] [--small_frac=0.25]`.
 
-Arms, per seed, on the same data order and tokenizer (the big run's tokenizer
-extends the small one; every big run starts from a fresh iterator of that seed):
+Arms, per seed, on the same data order and tokenizer (every big run uses the
+small run's tokenizer extended to the big vocabulary, and starts from a fresh
+iterator of that seed):
 - scratch: the big config (default configs/mini.py) trained `--steps` steps;
 - grown, noise: the small config (configs/tiny.py) trained for `--small_frac` of
   the scratch run's FLOPs, grown into the big one with zero-sum noise
@@ -47,6 +48,7 @@ from mmrec_jax import metrics as metrics_lib
 from mmrec_jax import models
 from mmrec_jax import progressive
 from mmrec_jax import sharding as shard_lib
+from mmrec_jax import tokenizer as tokenizer_lib
 from mmrec_jax import train_state as ts_lib
 
 flags.DEFINE_string("small", "configs/tiny.py", "Config grown from.")
@@ -119,8 +121,14 @@ def run_seed(seed, root, devices, log):
   out = {}
   log(f"seed {seed}: scratch {big.model.name} {FLAGS.steps} steps ({f_big:.3g} FLOPs/step); "
       f"{small.model.name} {small.train.steps} steps ({f_small:.3g} FLOPs/step)")
-  loop_lib.run(big, d("scratch"), devices=devices, quiet=True)
   loop_lib.run(small, d("small"), devices=devices, quiet=True)
+  # One tokenizer for every big arm: the small run's, extended (old ids keep their meaning).
+  tok_path = os.path.join(root, f"seed{seed}", "big_tokenizer.json")
+  if not os.path.isfile(tok_path):
+    old_tok = tokenizer_lib.load_tokenizer(os.path.join(d("small"), "tokenizer.json"))
+    tokenizer_lib.save_tokenizer(grow.big_tokenizer(old_tok, big), tok_path)
+  big.data.tokenizer = tok_path
+  loop_lib.run(big, d("scratch"), devices=devices, quiet=True)
   val, _ = read_metrics(d("scratch"))
   target = val[-1]["bits_per_byte"]
   curves = {"scratch": [(r["step"] * f_big, r["bits_per_byte"], r["loss"]) for r in val]}

@@ -244,13 +244,14 @@ def _grow_leaf(x, names, path, small, big, maps, key, noise):
     count = np.bincount(src, minlength=n)[src].astype(np.float32)
     shape = [-1 if i == ax else 1 for i in range(x.ndim)]
     x = x / count.reshape(shape)
-    if noise is not None:
-      z = jax.random.normal(jax.random.fold_in(key, zlib.crc32(path.encode())), x.shape)
-      zm = jnp.moveaxis(z, ax, 0)
-      mean = jax.ops.segment_sum(zm, src, num_segments=n) / np.bincount(
-          src, minlength=n).reshape((-1,) + (1,) * (zm.ndim - 1)).clip(1)
-      z = jnp.moveaxis(zm - mean[src], 0, ax)
-      x = x + noise * jnp.std(x) * z
+    # noise with zero sum over the copies of each input unit (exact: the copies' inputs
+    # are equal); in an inserted block it also lands on the zeroed residual writers
+    z = jax.random.normal(jax.random.fold_in(key, zlib.crc32(path.encode())), x.shape)
+    zm = jnp.moveaxis(z, ax, 0)
+    mean = jax.ops.segment_sum(zm, src, num_segments=n) / np.bincount(
+        src, minlength=n).reshape((-1,) + (1,) * (zm.ndim - 1)).clip(1)
+    z = jnp.moveaxis(zm - mean[src], 0, ax)
+    x = x + noise * jnp.std(x) * z
   return x
 
 
@@ -286,7 +287,7 @@ def _grow_tree(small_params, small, big, key, noise, vocab_pieces):
       x = x.at[..., 0, :].multiply(1.0 / math.sqrt(r))
     if x.shape != want.shape:
       raise ConfigError(f"growing {path}: got shape {x.shape}, the big model has "
-                        f"{want.shape}; pass --allow_inexact or fix the configs")
+                        f"{want.shape}: no growth rule for this change; align the configs")
     out[path] = x.astype(want.dtype)
   return traverse_util.unflatten_dict(out, sep="/")
 

@@ -178,6 +178,8 @@ def plan(config, n_devices, device_kind, mfu, n_layers=0, log=print):
       "model_flops": ts_lib.flops_per_token_train(full, t.seq_len) * tokens,  # whole step
       "tokens": tokens, "compile_s": compile_s, "extrapolated": bool(n_layers),
       "lower_bound": shrank, "remat": config.model.remat, "grad_accum": t.grad_accum,
+      "rows_per_device": t.batch_size / t.grad_accum / (full.mesh.shape["data"]
+                                                         * full.mesh.shape["fsdp"]),
   }
   return on_device(p, device_kind)
 
@@ -210,11 +212,16 @@ def suggestions(p, config):
     if p["remat"] in ("none", "dots_no_batch", "dots"):
       out.append(f"activations take {act / GB:.1f} GB per device: recompute them in the "
                  "backward pass, --config.model.remat=full")
-    if room > 0:
-      k = int(2 ** np.ceil(np.log2(act / room)))
+    rows = p.get("rows_per_device", 1)   # sequences per device per microbatch
+    k = int(2 ** np.ceil(np.log2(act / room))) if room > 0 else rows * 2
+    if rows >= 2 and room > 0:
+      k = min(k, int(rows))
       out.append(f"or split the batch into microbatches: --config.train.grad_accum="
-                 f"{p['grad_accum'] * k} (activations / {k}), or lower --batch_size "
-                 f"or --seq_len")
+                 f"{p['grad_accum'] * k} (activations / about {k})")
+    else:
+      out.append(f"one sequence per device already: lower --seq_len (activations grow at "
+                 f"least linearly with it) or shard activations with tensor parallelism, "
+                 f"e.g. --mesh=data:1,fsdp:{max(mesh['fsdp'] // 4, 1)},tensor:4")
   return out or ["lower --batch_size or --seq_len, or use more devices"]
 
 

@@ -375,5 +375,8 @@ def test_plan_mesh_flag_and_advice():
   advice = " ".join(plan.suggestions(p, None))
   assert "at least" in advice and "--mesh=data:1,fsdp:-1" in advice
   assert "--config.model.remat=full" in advice
-  p.update(params=1e9, opt_state=2e9)
+  p.update(params=1e9, opt_state=2e9, rows_per_device=8)
   assert "--config.train.grad_accum=4" in " ".join(plan.suggestions(p, None))
+  p.update(rows_per_device=1)
+  advice = " ".join(plan.suggestions(p, None))
+  assert "lower --seq_len" in advice and "--mesh=data:1,fsdp:2,tensor:4" in advice

@@ -26,9 +26,12 @@ def _tokens(B, T, seed=1):
   return jax.random.randint(jax.random.key(seed), (B, T), 2, V)
 
 
-@pytest.fixture(scope="module", params=IMPLS)
-def moe(request):
-  model = M.MMRec(MOE.replace(moe_impl=request.param))
+@pytest.fixture(scope="module")
+def moe():
+  """The invariants are properties of the routing, which both implementations share;
+  `ragged` is checked equal to `dense` (values and gradients) below, so the slower
+  invariant tests run on `dense` only (suite time)."""
+  model = M.MMRec(MOE.replace(moe_impl="dense"))
   params = nn.unbox(models.init_params(model, jax.random.key(0)))
   apply = jax.jit(lambda p, t, s, r: model.apply({"params": p}, t, state=s, reset=r))
   return model, params, apply

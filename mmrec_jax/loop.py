@@ -118,6 +118,7 @@ class StopFlag:
 class LogHook:
   """Every `train.log_every` steps (and before evals/saves): fetch the step metrics,
   stop at a non-finite loss, write metrics and update the progress bar."""
+  pauses_clock = False   # cheap: counted in tokens/s
 
   def __init__(self, every):
     self.every = every
@@ -132,6 +133,7 @@ class LogHook:
 class EvalHook:
   """Every `train.eval_every` steps and at the last: validation metrics, best loss,
   early stopping."""
+  pauses_clock = True    # not training: excluded from tokens/s
 
   def __init__(self, every, patience, min_delta):
     self.every, self.patience, self.min_delta = every, patience, min_delta
@@ -162,6 +164,7 @@ class EvalHook:
 
 class CheckpointHook:
   """Every `checkpoint.every` steps, at the last, and whenever validation improved."""
+  pauses_clock = True
 
   def __init__(self, every):
     self.every = every
@@ -337,13 +340,12 @@ class Loop:
           due = [h for h in hooks if h.due(self, step)]
           stop_now = stop.requested(bool(due))
           self.val_loss = None
-          if due or stop_now:
+          if due or stop_now:   # hooks see the step's metrics; a non-finite loss stops here
             self.flush_metrics()
           for h in due:
-            if not isinstance(h, LogHook):
-              h(self, step)
-          if any(not isinstance(h, LogHook) for h in due):
-            self.t_mark, self.steps_mark = time.perf_counter(), step  # rates exclude eval/save
+            h(self, step)
+          if any(h.pauses_clock for h in due):
+            self.t_mark, self.steps_mark = time.perf_counter(), step
           if stop_now and step < self.total_steps and self.reason == "done":
             self.reason = "interrupted"
         self.flush_metrics()

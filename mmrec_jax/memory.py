@@ -8,9 +8,16 @@ the key and value of pooled summaries):
 
 - level 0 keeps the last S summaries at full resolution;
 - a summary evicted from level l-1 waits in level l's pending slot until a
-  second one arrives; their mean is pushed into level l, whose slots therefore
-  hold means of 2**l chunk summaries;
+  second one arrives; their mean, weighted by their masses, is pushed into
+  level l, whose slots therefore hold pooled summaries of 2**l chunks;
 - the last level drops what it evicts.
+
+A chunk's mass is the sum of its tokens' pooling weights, and a pooled slot's
+mass the sum of its parts' masses: a slot of level l is the pooling-weighted
+mean over all the tokens of its 2**l chunks, as if they were one chunk. So a
+chunk the model marked as salient (high pooling weights) keeps its summary
+when it is merged with chunks it marked as filler, however coarse the level:
+an unweighted mean would dilute it 2**l times.
 
 So L levels of S slots cover S * (2**L - 1) chunks with L * (S + 1) - 1
 readable slots (the pending slots of levels >= 1 are readable too; level 0 has
@@ -36,7 +43,9 @@ class Memory:
   """The slots of one sequence (leading batch / layer axes may be added by callers)."""
   slots: jax.Array    # [levels, slots, width] float32: key and value of each summary
   valid: jax.Array    # [levels, slots] bool
+  mass: jax.Array     # [levels, slots] float32: pooling mass of each slot
   pend: jax.Array     # [levels - 1, width] float32: level l+1's evicted item waiting for a partner
+  pend_mass: jax.Array  # [levels - 1] float32: its mass
   pend_n: jax.Array   # [levels - 1] int32: 0 or 1 items waiting
 
 
@@ -49,39 +58,52 @@ def empty_memory(levels, slots, width):
   """The memory of one sequence at a document start (`width` per slot: key and value)."""
   return Memory(slots=jnp.zeros((levels, slots, width), jnp.float32),
                 valid=jnp.zeros((levels, slots), bool),
+                mass=jnp.zeros((levels, slots), jnp.float32),
                 pend=jnp.zeros((levels - 1, width), jnp.float32),
+                pend_mass=jnp.zeros((levels - 1,), jnp.float32),
                 pend_n=jnp.zeros((levels - 1,), jnp.int32))
 
 
-def write(mem, s_D):
-  """Writes one chunk's key+value vector; cascades evictions into coarser levels."""
-  slots, valid, pend, pend_n = mem.slots, mem.valid, mem.pend, mem.pend_n
+MIN_MASS = 1e-6
+
+
+def write(mem, s_D, m):
+  """Writes one chunk's key+value vector `s_D` of mass `m` (> 0); cascades
+  evictions into coarser levels, merging pairs by their mass-weighted mean."""
+  slots, valid, mass = mem.slots, mem.valid, mem.mass
   levels = slots.shape[0]
-  new_slots, new_valid, new_pend, new_pend_n = [], [], [], []
-  x_D, has = s_D, jnp.array(True)
+  new_slots, new_valid, new_mass, new_pend, new_pend_mass, new_pend_n = [], [], [], [], [], []
+  x_D, x_m, has = s_D, jnp.maximum(m, MIN_MASS), jnp.array(True)
   for l in range(levels):
-    if l > 0:  # the item evicted from level l-1 waits for a partner
-      p_D = pend[l - 1] + jnp.where(has, x_D, 0.0)
-      n = pend_n[l - 1] + has.astype(jnp.int32)
+    if l > 0:  # the item evicted from level l-1 waits for a partner (stored as mass * value)
+      p_D = mem.pend[l - 1] + jnp.where(has, x_m * x_D, 0.0)
+      p_m = mem.pend_mass[l - 1] + jnp.where(has, x_m, 0.0)
+      n = mem.pend_n[l - 1] + has.astype(jnp.int32)
       full = n == 2
-      x_D, has = p_D / 2.0, full
+      x_D, x_m, has = p_D / jnp.maximum(p_m, MIN_MASS), p_m, full
       new_pend.append(jnp.where(full, 0.0, p_D))
+      new_pend_mass.append(jnp.where(full, 0.0, p_m))
       new_pend_n.append(jnp.where(full, 0, n))
-    evicted_D, evicted_valid = slots[l, -1], valid[l, -1]
+    evicted_D, evicted_m, evicted_valid = slots[l, -1], mass[l, -1], valid[l, -1]
     pushed_SD = jnp.concatenate([x_D[None], slots[l, :-1]], axis=0)
+    pushed_m = jnp.concatenate([x_m[None], mass[l, :-1]], axis=0)
     pushed_S = jnp.concatenate([jnp.ones((1,), bool), valid[l, :-1]], axis=0)
     new_slots.append(jnp.where(has, pushed_SD, slots[l]))
+    new_mass.append(jnp.where(has, pushed_m, mass[l]))
     new_valid.append(jnp.where(has, pushed_S, valid[l]))
-    x_D, has = evicted_D, has & evicted_valid
+    x_D, x_m, has = evicted_D, evicted_m, has & evicted_valid
   stack = lambda xs, like: jnp.stack(xs) if xs else jnp.zeros_like(like)
   return Memory(slots=jnp.stack(new_slots), valid=jnp.stack(new_valid),
-                pend=stack(new_pend, pend), pend_n=stack(new_pend_n, pend_n))
+                mass=jnp.stack(new_mass), pend=stack(new_pend, mem.pend),
+                pend_mass=stack(new_pend_mass, mem.pend_mass),
+                pend_n=stack(new_pend_n, mem.pend_n))
 
 
 def readable(mem):
   """The readable slots [M, D] and their mask [M], M = readable_slots(levels, slots)."""
   levels, slots, width = mem.slots.shape
-  m_MD = jnp.concatenate([mem.slots.reshape(levels * slots, width), mem.pend], axis=0)
+  pend_D = mem.pend / jnp.maximum(mem.pend_mass, MIN_MASS)[:, None]
+  m_MD = jnp.concatenate([mem.slots.reshape(levels * slots, width), pend_D], axis=0)
   v_M = jnp.concatenate([mem.valid.reshape(-1), mem.pend_n > 0], axis=0)
   return m_MD, v_M
 
@@ -120,19 +142,19 @@ def chunk_events(pos_T, last_reset_T, chunk):
   return end_K, end_valid_K, clear_K, k_T, cleared_T, end_T
 
 
-def run_writes(mem0, kv_KX, valid_K, clear_K):
-  """Applies the chunk writes (one key+value vector each) in order; returns the K+1
-  snapshots and the final memory."""
+def run_writes(mem0, kv_KX, mass_K, valid_K, clear_K):
+  """Applies the chunk writes (one key+value vector and its mass each) in order;
+  returns the K+1 snapshots and the final memory."""
   empty = jax.tree_util.tree_map(jnp.zeros_like, mem0)
 
   def step(mem, xs):
-    s_D, ok, clear = xs
+    s_D, m, ok, clear = xs
     cleared = jax.tree_util.tree_map(lambda e, m: jnp.where(clear, e, m), empty, mem)
-    new = write(cleared, s_D)
+    new = write(cleared, s_D, m)
     mem = jax.tree_util.tree_map(lambda n, m: jnp.where(ok, n, m), new, mem)
     return mem, mem
 
-  final, snaps = jax.lax.scan(step, mem0, (kv_KX, valid_K, clear_K))
+  final, snaps = jax.lax.scan(step, mem0, (kv_KX, mass_K, valid_K, clear_K))
   snaps = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), mem0, snaps)
   return snaps, final
 

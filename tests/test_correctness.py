@@ -249,14 +249,15 @@ def test_decay_keeps_a_gradient_at_extreme_inputs_and_stays_in_open_interval():
 # ---------------------------------------------------------------- memory
 
 
-def _reference_writes(xs, levels, slots):
+def _reference_writes(xs, ms, levels, slots):
   """Plain-Python HDS: level 0 takes each summary; an item evicted from level l-1
-  waits in level l's pending slot until a second arrives, then their mean enters
-  level l; the last level drops what it evicts. Yields (slots, pending) per write."""
-  lv = [[] for _ in range(levels)]        # newest first
+  waits in level l's pending slot until a second arrives, then their mean weighted
+  by their masses (mass: the sum of both) enters level l; the last level drops what
+  it evicts. Yields (slots, masses, pending) per write."""
+  lv = [[] for _ in range(levels)]        # newest first: (value, mass)
   pend = [None] * levels                  # pend[0] is never used
-  for x in xs:
-    item = x
+  for x, m in zip(xs, ms):
+    item = (x, m)
     for l in range(levels):
       if item is None:
         break
@@ -264,34 +265,53 @@ def _reference_writes(xs, levels, slots):
         if pend[l] is None:
           pend[l], item = item, None
           break
-        item, pend[l] = (pend[l] + item) / np.float32(2), None
+        (a, ma), (b, mb) = pend[l], item
+        item, pend[l] = ((ma * a + mb * b) / (ma + mb), ma + mb), None
       lv[l].insert(0, item)
       item = lv[l].pop() if len(lv[l]) > slots else None
-    yield [list(s) for s in lv], list(pend)
+    yield ([[v for v, _ in s] for s in lv], [[w for _, w in s] for s in lv],
+           [None if p is None else p[0] for p in pend])
 
 
 def test_memory_write_follows_the_level_and_pooling_rules():
   L, S, W = 3, 2, 5
-  xs = np.random.default_rng(0).normal(size=(40, W)).astype(np.float32)
+  rng = np.random.default_rng(0)
+  xs = rng.normal(size=(40, W)).astype(np.float32)
+  ms = rng.uniform(0.01, 10.0, size=40).astype(np.float32)   # masses: weighted merges
   mem = mem_lib.empty_memory(L, S, W)
   write = jax.jit(mem_lib.write)
-  for x, (ref_slots, ref_pend) in zip(xs, _reference_writes(xs, L, S)):
-    mem = write(mem, jnp.asarray(x))
+  for x, m, (ref_slots, ref_mass, ref_pend) in zip(xs, ms, _reference_writes(xs, ms, L, S)):
+    mem = write(mem, jnp.asarray(x), jnp.asarray(m))
     for l in range(L):
       n = len(ref_slots[l])
       np.testing.assert_array_equal(np.asarray(mem.valid[l]), [True] * n + [False] * (S - n))
       if n:
         np.testing.assert_allclose(np.asarray(mem.slots[l, :n]), np.stack(ref_slots[l]),
-                                   rtol=1e-6, atol=1e-6)
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(mem.mass[l, :n]), ref_mass[l], rtol=1e-5)
+    m_MD, v_M = mem_lib.readable(mem)
     for l in range(1, L):
       assert int(mem.pend_n[l - 1]) == (ref_pend[l] is not None)
-      if ref_pend[l] is not None:
-        np.testing.assert_allclose(np.asarray(mem.pend[l - 1]), ref_pend[l], rtol=1e-6, atol=1e-6)
-    m_MD, v_M = mem_lib.readable(mem)
+      if ref_pend[l] is not None:   # readable as the waiting item itself
+        np.testing.assert_allclose(np.asarray(m_MD[L * S + l - 1]), ref_pend[l],
+                                   rtol=1e-5, atol=1e-5)
     assert m_MD.shape == (mem_lib.readable_slots(L, S), W)
     assert int(v_M.sum()) == (sum(len(s) for s in ref_slots)
                               + sum(p is not None for p in ref_pend))
   assert int(np.asarray(mem.valid).sum()) == L * S   # 40 writes fill every level
+
+
+def test_a_salient_chunk_survives_merging_with_filler():
+  """A chunk of high mass keeps its summary through merges with low-mass chunks."""
+  L, S, W = 4, 1, 3
+  mem = mem_lib.empty_memory(L, S, W)
+  key = np.array([1.0, -2.0, 3.0], np.float32)
+  mem = mem_lib.write(mem, jnp.asarray(key), jnp.float32(50.0))
+  for _ in range(7):   # 7 filler chunks of mass 0.05: the key ends up in level 3 (8 chunks)
+    mem = mem_lib.write(mem, jnp.zeros(W), jnp.float32(0.05))
+  m_MD, v_M = mem_lib.readable(mem)
+  rows = np.asarray(m_MD)[np.asarray(v_M)]
+  assert np.abs(rows - key).max(axis=1).min() < 0.01   # an unweighted mean would give key / 8
 
 
 def test_readable_slots_have_no_level_zero_pending_slot():
@@ -300,5 +320,5 @@ def test_readable_slots_have_no_level_zero_pending_slot():
   mem = M.MMRec(cfg).init_state(1).memory
   assert mem.pend.shape[2] == cfg.mem_levels - 1 and mem.pend_n.shape[2] == cfg.mem_levels - 1
   one = mem_lib.empty_memory(1, 3, 4)   # one level: no pending slot at all
-  m, v = mem_lib.readable(mem_lib.write(one, jnp.ones(4)))
+  m, v = mem_lib.readable(mem_lib.write(one, jnp.ones(4), jnp.float32(1.0)))
   assert m.shape == (3, 4) and v.tolist() == [True, False, False]

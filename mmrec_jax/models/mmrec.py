@@ -247,7 +247,9 @@ class HDSMemory(nn.Module):
                               dense(D, ("kv", "kv_out"), cfg, "value")(summ_BKD)],
                              axis=-1).astype(jnp.float32)
 
-    snaps, final = jax.vmap(mem_lib.run_writes)(state.memory, kv_BKX, end_valid_BK, clear_BK)
+    # A chunk's mass (its tokens' total pooling weight) weights it when levels merge.
+    snaps, final = jax.vmap(mem_lib.run_writes)(state.memory, kv_BKX, acc_BKX[..., D],
+                                                end_valid_BK, clear_BK)
     m_BKMX, valid_BKM = jax.vmap(jax.vmap(mem_lib.readable))(snaps)
     K1, M = m_BKMX.shape[1:3]
     keys = m_BKMX[..., :D].astype(dt).reshape(B, K1, M, H, D // H)

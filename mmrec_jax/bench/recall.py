@@ -1,0 +1,371 @@
+"""Long-range recall: passkey retrieval and multi-query associative recall (MQAR).
+
+    python -m mmrec_jax.bench.recall [--tasks=passkey,mqar] [--arms=mmrec,mmrec_nomem,transformer]
+        [--steps=1000] [--batch=8] [--seq_len=256] [--out=runs/recall] [--json]
+
+Held-out text cannot tell a working long-term memory from a broken one; these
+two synthetic tasks can. The benchmark writes its own data (no download),
+trains every arm once with the project's trainer on the same generated stream
+(documents of both tasks interleaved) and tokenizer, then scores greedy
+answers on fresh examples:
+
+- passkey: "the pass key is 3 8 1 9 0 . remember it ." then `distance` tokens
+  of filler sentences, then "what is the pass key ? the pass key is 3 8 1 9 0 .".
+  Trained at distances up to the training length; scored (exact match of all
+  `--key_digits` digits, greedy) at `--distances`, by default up to 16x the
+  training length. Chance is 10**-key_digits.
+- mqar: N key-value pairs of one-token words, then every key again (shuffled)
+  each followed by its value. Trained with N up to `--train_pairs`; scored as
+  the fraction of values predicted (greedy) at each N of `--pairs`. A model that
+  remembers nothing scores about 1/64 (the value vocabulary).
+
+Arms: MM-Rec tiny (`configs/tiny.py`), the same with its long-term memory off
+(`model.mem_levels=0`), the Transformer of the same size
+(`configs/baselines/transformer_tiny.py`, its KV cache holding the whole
+evaluation sequence), and optionally `mmrec_bigmem` (16 slots per level).
+Every arm uses the task tokenizer (one BPE trained on the generated text, each
+word one token), so `model.vocab_size` is that tokenizer's size.
+
+Evaluation streams each sequence in pieces of the training length with the
+state carried, as decoding does. Prints a table per task, writes `recall.png`
+and `recall.json` in `--out`; `--json` prints one JSON object on the last line:
+for one task `{"task": T, "arms": {arm: {"<distance or pairs>": accuracy}}}`;
+for several tasks the task is "passkey,mqar" and the keys "passkey:<distance>",
+"mqar:<pairs>". Re-running reuses finished training runs in `--out`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from mmrec_jax import cli
+from mmrec_jax import config as config_lib
+from mmrec_jax import loading
+from mmrec_jax import models
+from mmrec_jax import tokenizer as tok_lib
+from mmrec_jax import train
+from mmrec_jax import workdir as workdir_lib
+from mmrec_jax.errors import UsageError
+
+_REPO = os.path.join(os.path.dirname(__file__), "..", "..")
+ARMS = {
+    "mmrec": ("configs/tiny.py", {}),
+    "mmrec_nomem": ("configs/tiny.py", {"mem_levels": 0}),
+    "transformer": ("configs/baselines/transformer_tiny.py", {}),
+    "mmrec_bigmem": ("configs/tiny.py", {"mem_slots": 16}),
+}
+TASKS = ("passkey", "mqar")
+FILLER = ("the grass is green . the sky is blue . the sun is yellow . here we go . "
+          "there and back again .").split()
+N_WORDS = 64   # MQAR: distinct keys, and distinct values
+
+flags.DEFINE_list("tasks", list(TASKS), "Tasks to run: passkey, mqar.")
+flags.DEFINE_list("arms", ["mmrec", "mmrec_nomem", "transformer"],
+                  f"Arms to train ({', '.join(ARMS)}).")
+flags.DEFINE_integer("steps", 1000, "Training steps per arm (one stream of all --tasks).")
+flags.DEFINE_integer("seq_len", 256, "Training length (tokens per sequence).")
+flags.DEFINE_integer("batch", 8, "Batch size.")
+flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
+flags.DEFINE_integer("seed", 0, "Seed of the data, the initialisation and the data order.")
+flags.DEFINE_integer("key_digits", 5, "Passkey digits.")
+flags.DEFINE_list("distances", ["64", "256", "1024", "4096"],
+                  "Passkey: filler tokens between the key and the question, evaluated.")
+flags.DEFINE_integer("train_pairs", 48, "MQAR: most key-value pairs in a training sequence.")
+flags.DEFINE_list("pairs", ["8", "16", "32", "48"], "MQAR: numbers of pairs evaluated.")
+flags.DEFINE_integer("examples", 64, "Fresh evaluation examples per distance / number of pairs.")
+flags.DEFINE_string("out", "runs/recall", "Output folder (generated data, one workdir per run).")
+flags.DEFINE_bool("json", False, "Print the results as one JSON object on the last line.")
+FLAGS = flags.FLAGS
+
+
+# ------------------------------------------------------------------ the tasks
+
+
+def word_lists():
+  """64 key words and 64 value words: consonant-vowel-consonant, disjoint, fixed."""
+  cons, vows = "bdfgklmnprstvz", "aeiou"
+  words = [a + b + c for a in cons for b in vows for c in cons]
+  order = np.random.default_rng(1234).permutation(len(words))
+  words = [words[i] for i in order]
+  return words[:N_WORDS], words[N_WORDS:2 * N_WORDS]
+
+
+def filler(rng, n):
+  start = int(rng.integers(len(FILLER)))
+  return [FILLER[(start + i) % len(FILLER)] for i in range(n)]
+
+
+def passkey_doc(rng, distance, digits):
+  """(text, number of answer tokens at the end, before the final '.')."""
+  key = [str(d) for d in rng.integers(0, 10, digits)]
+  words = (["the", "pass", "key", "is"] + key + [".", "remember", "it", "."]
+           + filler(rng, distance) + ["what", "is", "the", "pass", "key", "?", "the", "pass",
+                                      "key", "is"] + key + ["."])
+  return " ".join(words)
+
+
+def mqar_doc(rng, n_pairs, keys, values):
+  ks = rng.choice(len(keys), n_pairs, replace=False)
+  vs = rng.integers(0, len(values), n_pairs)
+  words = ["the"]   # every document starts with "the": each pair word has its leading space
+  for k, v in zip(ks, vs):
+    words += [keys[k], values[v]]
+  words.append(".")
+  for j in rng.permutation(n_pairs):
+    words += [keys[ks[j]], values[vs[j]]]
+  words.append(".")
+  return " ".join(words)
+
+
+def train_docs(task, rng, n_tokens, seq_len, key_digits=5, train_pairs=48):
+  """Training documents of about `n_tokens` tokens, each shorter than `seq_len`."""
+  docs, total = [], 0
+  keys, values = word_lists()
+  while total < n_tokens:
+    if task == "passkey":
+      overhead = 24 + 2 * key_digits
+      d = passkey_doc(rng, int(rng.integers(0, max(1, seq_len - overhead))), key_digits)
+    else:
+      hi = min(train_pairs, (seq_len - 4) // 4)
+      d = mqar_doc(rng, int(rng.integers(2, hi + 1)), keys, values)
+    docs.append(d)
+    total += d.count(" ") + 2
+  return docs
+
+
+def write_docs(path, docs):
+  workdir_lib.atomic_write(path, "\n\n".join(docs) + "\n")
+
+
+def make_tokenizer(out):
+  """One BPE for both tasks in which every word is one token (checked)."""
+  path = os.path.join(out, "tokenizer.json")
+  keys, values = word_lists()
+  words = FILLER + [str(d) for d in range(10)] + keys + values + [
+      "the", "pass", "key", "is", "remember", "it", "what", "?"]
+  if os.path.isfile(path):
+    tok = tok_lib.load_tokenizer(path)
+  else:
+    rng = np.random.default_rng(0)
+    texts = train_docs("passkey", rng, 200_000, 256) + train_docs("mqar", rng, 200_000, 256)
+    tok = tok_lib._train_up_to(texts, 2048)  # pylint: disable=protected-access
+    tok_lib.save_tokenizer(tok, path)
+  for text in ["the"] + ["the " + w for w in sorted(set(words))]:
+    ids = tok.encode(text).ids
+    if len(ids) != text.count(" ") + 1:
+        raise UsageError(f"the recall tokenizer splits {text!r} into {len(ids)} tokens; delete "
+                         f"{path} and rerun")
+  return tok, path
+
+
+# ------------------------------------------------------------------ training
+
+
+def arm_config(arm, stream, tok, tok_path, data_dir, max_len):
+  path, model_overrides = ARMS[arm]
+  c = config_lib.load_config_file(os.path.join(_REPO, path))
+  c.model.update(model_overrides)
+  c.model.vocab_size = tok.get_vocab_size()
+  c.model.max_seq_len = max(c.model.max_seq_len, FLAGS.seq_len)
+  if c.model.kind == "transformer":   # its cache holds the whole evaluation sequence
+    c.model.cache_len = max_len
+  c.data.path = os.path.join(data_dir, f"{stream}_train.txt")
+  c.data.val_path = os.path.join(data_dir, f"{stream}_val.txt")
+  c.data.tokenizer = tok_path
+  c.data.cache_dir = os.path.join(data_dir, "cache")
+  t = c.train
+  t.seed, t.seq_len, t.batch_size, t.steps, t.lr = (FLAGS.seed, FLAGS.seq_len, FLAGS.batch,
+                                                    FLAGS.steps, FLAGS.lr)
+  t.warmup_steps = max(1, FLAGS.steps // 10)
+  t.eval_every = FLAGS.steps
+  t.eval_batches = 4
+  t.log_every = max(1, FLAGS.steps // 10)
+  t.samples = 0
+  c.checkpoint.every = FLAGS.steps
+  return config_lib.validate(c)
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def eval_set(task, x, tok, rng, examples, seq_len, key_digits=5):
+  """(ids [N, T] right-padded to a multiple of `seq_len`, answer positions [N, A])
+  of `examples` fresh examples at distance / number of pairs `x`."""
+  keys, values = word_lists()
+  eod, pad = tok.token_to_id(tok_lib.EOD), tok.token_to_id(tok_lib.PAD)
+  seqs, answers = [], []
+  for _ in range(examples):
+    if task == "passkey":
+      ids = [eod] + tok.encode(passkey_doc(rng, x, key_digits)).ids
+      n = len(ids)
+      ans = list(range(n - 1 - key_digits, n - 1))
+    else:
+      ids = [eod] + tok.encode(mqar_doc(rng, x, keys, values)).ids
+      n = len(ids)
+      ans = list(range(n - 1 - 2 * x + 1, n - 1, 2))   # the value after each queried key
+    seqs.append(ids)
+    answers.append(ans)
+  L = seq_len
+  T = -(-(max(map(len, seqs)) + 1) // L) * L
+  ids_NT = np.full((len(seqs), T), pad, np.int32)
+  for i, s in enumerate(seqs):
+    ids_NT[i, :len(s)] = s
+  return ids_NT, np.asarray(answers, np.int32)
+
+
+def accuracy(model, variables, task, ids_NT, ans_NA, eod, seq_len, batch=16):
+  """Greedy answers scored in pieces of `seq_len` tokens, state carried: for
+  passkey the fraction of keys whose every digit is right, for MQAR the
+  fraction of queried values."""
+  L = seq_len
+
+  @jax.jit
+  def piece(variables, x_BT, state):
+    logits_BTV, state, _ = model.apply(variables, x_BT, state=state, reset=x_BT == eod)
+    return jnp.argmax(logits_BTV, axis=-1), state
+
+  N, T = ids_NT.shape
+  pred_NT = np.zeros_like(ids_NT)
+  for b0 in range(0, N, batch):
+    x = ids_NT[b0:b0 + batch]
+    n = len(x)
+    if n < batch:
+      x = np.concatenate([x, np.full((batch - n, T), eod, np.int32)])
+    state = model.init_state(batch)
+    for k in range(0, T, L):
+      p, state = piece(variables, x[:, k:k + L], state)
+      pred_NT[b0:b0 + n, k:k + L] = np.asarray(p)[:n]
+  # the answer token at position a is predicted at a - 1
+  ok_NA = np.take_along_axis(pred_NT, ans_NA - 1, 1) == np.take_along_axis(ids_NT, ans_NA, 1)
+  if task == "passkey":
+    return float(np.mean(np.all(ok_NA, axis=1)))   # exact match of the whole key
+  return float(np.mean(ok_NA))                      # fraction of queries answered
+
+
+# ------------------------------------------------------------------ report
+
+
+def plot(path, results, tasks, arms):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+  for ax, task in zip(axes[0], tasks):
+    for arm in arms:
+      xs = sorted(results[task][arm], key=int)
+      ax.plot([int(x) for x in xs], [results[task][arm][x] for x in xs], "o-", label=arm)
+    if task == "passkey":
+      ax.set_xscale("log", base=2)
+      ax.axvline(FLAGS.seq_len, color="gray", linestyle="--", label="training length")
+      ax.set_xlabel("distance from key to question (tokens)")
+      ax.set_ylabel("exact-match accuracy")
+      ax.set_title(f"Passkey ({FLAGS.key_digits} digits)")
+    else:
+      ax.set_xlabel("key-value pairs")
+      ax.set_ylabel("fraction of queries answered")
+      ax.set_title("Multi-query associative recall")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  tasks, arms = FLAGS.tasks, FLAGS.arms
+  for t in tasks:
+    if t not in TASKS:
+      raise UsageError(f"--tasks: unknown task {t!r}; use {', '.join(TASKS)}")
+  for a in arms:
+    if a not in ARMS:
+      raise UsageError(f"--arms: unknown arm {a!r}; use {', '.join(ARMS)}")
+  xs = {"passkey": [int(x) for x in FLAGS.distances], "mqar": [int(x) for x in FLAGS.pairs]}
+  if "mqar" in tasks and max(xs["mqar"]) > N_WORDS:
+    raise UsageError(f"--pairs: at most {N_WORDS} pairs (the key vocabulary)")
+  out = FLAGS.out
+  data_dir = os.path.join(out, "data")
+  os.makedirs(data_dir, exist_ok=True)
+  tok, tok_path = make_tokenizer(data_dir)
+  eod = tok.token_to_id(tok_lib.EOD)
+  n_train = FLAGS.steps * FLAGS.batch * FLAGS.seq_len
+  rng_eval = {t: np.random.default_rng([FLAGS.seed, 1000 + i]) for i, t in enumerate(TASKS)}
+  # One training stream: documents of the chosen tasks, interleaved at random.
+  stream = "+".join(tasks)
+  tag = (f"{stream} seed={FLAGS.seed} seq_len={FLAGS.seq_len} tokens={n_train} "
+         f"key_digits={FLAGS.key_digits} train_pairs={FLAGS.train_pairs}")
+  tag_path = os.path.join(data_dir, f"{stream}.tag")
+  if not os.path.isfile(tag_path) or open(tag_path).read() != tag:
+    rng = np.random.default_rng([FLAGS.seed, len(tasks)])
+    for split, n in (("train", int(n_train * 1.1)), ("val", 8 * FLAGS.batch * FLAGS.seq_len)):
+      docs = [d for task in tasks for d in train_docs(
+          task, rng, n // len(tasks), FLAGS.seq_len, FLAGS.key_digits, FLAGS.train_pairs)]
+      write_docs(os.path.join(data_dir, f"{stream}_{split}.txt"),
+                 [docs[i] for i in rng.permutation(len(docs))])
+    workdir_lib.atomic_write(tag_path, tag)
+  sets = {task: {x: eval_set(task, x, tok, rng_eval[task], FLAGS.examples, FLAGS.seq_len,
+                             FLAGS.key_digits) for x in xs[task]} for task in tasks}
+  max_len = max(s[0].shape[1] for t in sets.values() for s in t.values())
+  print(f"recall: tasks {', '.join(tasks)} (one training stream); arms {', '.join(arms)}; "
+        f"{FLAGS.steps} steps of {FLAGS.batch} x {FLAGS.seq_len} = {n_train:,} training tokens "
+        f"per arm; vocabulary {tok.get_vocab_size()}; {FLAGS.examples} evaluation examples per "
+        f"cell", flush=True)
+  results = {t: {} for t in tasks}
+  info = {}
+  for arm in arms:
+    c = arm_config(arm, stream, tok, tok_path, data_dir, max_len)
+    # one workdir per setting, so a rerun with other settings never reuses a run
+    run_id = hashlib.sha1(json.dumps([tag, c.to_dict()], sort_keys=True, default=str).encode())
+    workdir = os.path.join(out, f"{arm}_{run_id.hexdigest()[:8]}")
+    t0 = time.time()
+    r = train.run(c, workdir, quiet=True)
+    train_s = time.time() - t0
+    model, variables, _, _ = loading.load(workdir, "latest")
+    t1 = time.time()
+    for task in tasks:
+      results[task][arm] = {str(x): accuracy(model, variables, task, *sets[task][x], eod,
+                                             FLAGS.seq_len) for x in xs[task]}
+    info[arm] = {"params": models.count_params(models.param_shapes(model)),
+                 "val_loss": r.val_losses[-1][1] if r.val_losses else float("nan"),
+                 "train_s": train_s}
+    print(f"  {arm}: trained {r.step} steps in {train_s:.0f}s (held-out loss "
+          f"{info[arm]['val_loss']:.3f}), evaluated in {time.time() - t1:.0f}s; " + "; ".join(
+              f"{task} " + ", ".join(f"{x}: {a:.2f}" for x, a in results[task][arm].items())
+              for task in tasks), flush=True)
+  for task in tasks:
+    label = "distance" if task == "passkey" else "pairs"
+    what = ("exact-match accuracy of the key" if task == "passkey"
+            else "fraction of queries answered")
+    print(f"\n{task}: {what} by {label} (training length {FLAGS.seq_len})")
+    print(f"{label:>10}  " + "  ".join(f"{a:>12}" for a in arms))
+    for x in xs[task]:
+      print(f"{x:>10}  " + "  ".join(f"{results[task][a][str(x)]:>12.2f}" for a in arms))
+  print("\nparameters: " + ", ".join(f"{a} {info[a]['params']:,}" for a in arms))
+  png = os.path.join(out, "recall.png")
+  plot(png, results, tasks, arms)
+  if len(tasks) == 1:
+    obj = {"task": tasks[0], "arms": results[tasks[0]]}
+  else:
+    obj = {"task": ",".join(tasks),
+           "arms": {a: {f"{t}:{x}": v for t in tasks for x, v in results[t][a].items()}
+                    for a in arms}}
+  obj.update(steps=FLAGS.steps, seq_len=FLAGS.seq_len, batch=FLAGS.batch, seed=FLAGS.seed,
+             examples=FLAGS.examples, params={a: info[a]["params"] for a in arms},
+             held_out_loss={a: info[a]["val_loss"] for a in arms},
+             train_s={a: round(info[a]["train_s"], 1) for a in arms})
+  workdir_lib.atomic_write(os.path.join(out, "recall.json"), json.dumps(obj, indent=2))
+  print(f"wrote {png} and {os.path.join(out, 'recall.json')}")
+  if FLAGS.json:
+    print(json.dumps(obj))
+
+
+if __name__ == "__main__":
+  cli.run(main)

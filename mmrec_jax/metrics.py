@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import time
 
 import jax
@@ -25,21 +26,43 @@ VENDOR_PEAK_FLOPS = (
 _PEAK_CACHE = {}
 
 
-def measured_matmul_peak(n=1024, reps=5, device=None, dtype=jnp.float32):
-  """FLOP/s of a jitted n x n matmul on one device (best of `reps`); cached."""
+def matmul_peak(device=None, dtype=jnp.float32, sizes=(1024,), reps=11):
+  """Measured matmul FLOP/s of one device: `(peak, {n: (median, p10, p90)})`.
+
+  For each n in `sizes`, `reps` timed n x n matmuls (after a warm-up); the
+  figure of a size is the median of its repetitions (a single best time is
+  noise on a shared machine), the peak is the largest median. Cached per
+  process, so every MFU one run prints uses the same peak.
+  """
   device = device or jax.devices()[0]
-  key = (device.platform, device.device_kind, n, jnp.dtype(dtype).name)
+  key = (device.platform, device.device_kind, tuple(sizes), reps, jnp.dtype(dtype).name)
   if key not in _PEAK_CACHE:
-    a = jax.device_put(jnp.ones((n, n), dtype), device)
     f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = math.inf
-    for _ in range(reps):
-      t = time.perf_counter()
+    table = {}
+    for n in sizes:
+      a = jax.device_put(jnp.ones((n, n), dtype), device)
       f(a).block_until_ready()
-      best = min(best, time.perf_counter() - t)
-    _PEAK_CACHE[key] = 2 * n ** 3 / best
+      rates = []
+      for _ in range(reps):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        rates.append(2 * n ** 3 / (time.perf_counter() - t))
+      rates.sort()
+      pick = lambda q: rates[min(len(rates) - 1, int(q * len(rates)))]
+      table[n] = (statistics.median(rates), pick(0.1), pick(0.9))
+    _PEAK_CACHE[key] = (max(m for m, _, _ in table.values()), table)
   return _PEAK_CACHE[key]
+
+
+def measured_matmul_peak(n=1024, reps=11, device=None, dtype=jnp.float32):
+  """Median FLOP/s of a jitted n x n matmul on one device (see `matmul_peak`)."""
+  return matmul_peak(device, dtype, (n,), reps)[0]
+
+
+def format_peak(table):
+  """One line: the median and 10th-90th percentile spread per matmul size, in GFLOP/s."""
+  return ", ".join(f"{n}^2: {m / 1e9:,.0f} ({lo / 1e9:,.0f}-{hi / 1e9:,.0f})"
+                   for n, (m, lo, hi) in table.items())
 
 
 def peak_flops_per_device(device=None):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from mmrec_jax.scan import linear_scan, resolve_impl
 
-SHAPES = {"tiny": (4, 128), "small": (16, 512)}  # (train batch, width) of the configs
+SHAPES = {"tiny": (4, 128), "small": (16, 512), "base": (8, 1024)}  # (train batch, width)
 
 
 def _time(fn, *args, repeats):
@@ -38,6 +38,7 @@ def main(argv=None):
   p.add_argument("--min_len", type=int, default=256)
   p.add_argument("--max_len", type=int, default=16384)
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--factor", type=int, default=4, help="T grows by this factor per row")
   p.add_argument("--grad", action="store_true", help="time forward + backward")
   args = p.parse_args(argv)
   impls = ("sequential", "associative", "chunked")
@@ -70,7 +71,7 @@ def main(argv=None):
               f"{times[i] / best:>9.2f} {gbs:>7.2f} {t_elem / times[i]:>14.2f}")
       print(f"{size:<6} {B:>3} {D:>4} {T:>6} {'elementwise':<12} {t_elem * 1e3:>9.2f} "
             f"{'':>9} {nbytes / t_elem / 1e9:>7.2f} {1.0:>14.2f}", flush=True)
-      T *= 4
+      T *= args.factor
 
 
 if __name__ == "__main__":

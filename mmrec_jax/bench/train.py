@@ -24,6 +24,7 @@ config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file")
 flags.DEFINE_integer("batch", 4, "global batch size")
 flags.DEFINE_integer("seq_len", 512, "tokens per row")
 flags.DEFINE_integer("steps", 5, "timed steps (median reported)")
+flags.DEFINE_integer("peak_reps", 31, "timed repetitions per matmul size of the peak")
 FLAGS = flags.FLAGS
 
 
@@ -62,17 +63,24 @@ def main(argv):
   dev = s.mesh.devices.flat[0]
   n_dev = s.mesh.devices.size
   big = dev.platform != "cpu"
-  measured = metrics_lib.measured_matmul_peak(
-      n=4096 if big else 1024, device=dev,
-      dtype=jnp.bfloat16 if big and c.model.dtype == "bfloat16" else jnp.float32)
+  peaks = {}
+  for dt in ("float32", "bfloat16"):
+    peaks[dt] = metrics_lib.matmul_peak(
+        dev, jnp.dtype(dt), sizes=(2048, 4096, 8192) if big else (512, 1024, 2048),
+        reps=FLAGS.peak_reps)
+  measured = peaks["bfloat16" if c.model.dtype == "bfloat16" else "float32"][0]
   print(f"device: {n_dev} x {dev.device_kind} ({dev.platform}), model {c.model.name}, "
         f"batch {FLAGS.batch} x {FLAGS.seq_len}, loss {float(m['loss']):.4f}")
   print(f"compile: {compile_s:.2f}s")
   print(f"step: median {step_s * 1e3:.1f} ms over {FLAGS.steps} steps "
         f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})")
   print(f"throughput: {tokens_s:,.0f} tokens/s, {flops_tok / 1e6:.2f} MFLOP/token (train)")
-  print(f"MFU: {100 * metrics_lib.mfu(tokens_s, flops_tok, measured * n_dev):.2f}% of a measured "
-        f"matmul peak of {measured / 1e9:,.1f} GFLOP/s per device")
+  for dt, (peak, table) in peaks.items():
+    print(f"matmul peak {dt}: {peak / 1e9:,.1f} GFLOP/s per device, the largest median over "
+          f"{FLAGS.peak_reps} repetitions per size; median (p10-p90) GFLOP/s: "
+          f"{metrics_lib.format_peak(table)}")
+  print(f"MFU: {100 * metrics_lib.mfu(tokens_s, flops_tok, measured * n_dev):.2f}% of the "
+        f"measured {c.model.dtype} matmul peak of {measured / 1e9:,.1f} GFLOP/s per device")
   if big:
     vendor = metrics_lib.peak_flops_per_device(dev)
     print(f"MFU: {100 * metrics_lib.mfu(tokens_s, flops_tok, vendor * n_dev):.2f}% of the "

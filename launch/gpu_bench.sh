@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU figures of the README in one command (issue 14), for one NVIDIA GPU:
+#
+#   bash launch/gpu_bench.sh            # from the repository root; writes runs/gpu_bench/
+#
+# - bench.train: small and base in bfloat16, tokens/s and MFU against the measured
+#   bf16 matmul peak and the vendor peak;
+# - bench.scan: the three scan implementations at base width (8 x 1024), T = 1K..32K,
+#   forward and forward+backward, each against an elementwise pass over the same
+#   bytes (the scan is memory-bound: that pass is its roofline on this device);
+# - bench.decode: small and base, batch 1 and 16, prefill.
+#
+# Needs a Python with JAX for CUDA (PYTHON=..., default python3) and the project's
+# dependencies; on a machine without network, carry the missing ones as wheels and
+# put them on PYTHONPATH first. Each step has its own time limit, so one failure
+# does not lose the others; everything is also in runs/gpu_bench/gpu_bench.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR=${OUTDIR:-runs/gpu_bench}
+PY=${PYTHON:-python3}
+LIMIT=${LIMIT:-240}
+mkdir -p "$OUTDIR"
+LOG="$OUTDIR/gpu_bench.log"
+export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+step() { echo "== $(date -u +%FT%TZ) $*" | tee -a "$LOG"; timeout "$LIMIT" "$PY" -m "$@" 2>&1 | tee -a "$LOG"; }
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$PY" -c 'import jax; print("jax", jax.__version__, jax.devices())'; } 2>&1 | tee -a "$LOG"
+step mmrec_jax.bench.train --config=configs/small.py --config.model.dtype=bfloat16 \
+  --batch=32 --seq_len=2048 --steps=10 --peak_reps=21
+step mmrec_jax.bench.train --config=configs/base.py --config.model.dtype=bfloat16 \
+  --batch=16 --seq_len=2048 --steps=10 --peak_reps=21
+step mmrec_jax.bench.scan --sizes=base --min_len=1024 --max_len=32768 --factor=2
+step mmrec_jax.bench.scan --sizes=base --min_len=1024 --max_len=32768 --factor=2 --grad
+step mmrec_jax.bench.decode --configs=small,base --contexts=1024,8192
+echo "== done; log in $LOG"

@@ -77,3 +77,29 @@ def test_training_documents_fit_the_training_length(tok):
     docs = recall.train_docs(task, rng, 20_000, 128, key_digits=5, train_pairs=24)
     lengths = [len(tok.encode(d).ids) + 1 for d in docs]   # + the <|eod|> before each
     assert max(lengths) <= 128 and sum(lengths) >= 20_000
+
+
+def test_read_off_zeroes_only_the_memory_read_out():
+  import flax.linen as nn
+  from mmrec_jax import models
+  cfg = models.make_config(dict(kind="mmrec", name="t", vocab_size=32, d_model=16, n_layers=2,
+                                n_heads=2, max_seq_len=64, chunk_size=4, mem_slots=2,
+                                mem_levels=2))
+  model = models.build(cfg)
+  params = nn.unbox(models.init_params(model, jax.random.key(0)))
+  off = recall.read_off({"params": params})["params"]
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  flat_off = dict((jax.tree_util.keystr(p), x) for p, x in
+                  jax.tree_util.tree_flatten_with_path(off)[0])
+  for p, x in flat:
+    k = jax.tree_util.keystr(p)
+    if k == "['blocks']['memory']['out']['kernel']":
+      assert not np.any(np.asarray(flat_off[k])) and np.any(np.asarray(x))
+    else:
+      np.testing.assert_array_equal(np.asarray(flat_off[k]), np.asarray(x))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(2, 32, (1, 24)), jnp.int32)
+  a = model.apply({"params": params}, tokens)[0]
+  b = model.apply({"params": off}, tokens)[0]
+  # identical until the first chunk ends (nothing to read yet), different after
+  np.testing.assert_allclose(np.asarray(a[:, :4]), np.asarray(b[:, :4]), atol=1e-6)
+  assert not np.allclose(np.asarray(a[:, 8:]), np.asarray(b[:, 8:]), atol=1e-4)

@@ -19,8 +19,9 @@ answers on fresh examples:
   the fraction of values predicted (greedy) at each N of `--pairs`. A model that
   remembers nothing scores about 1/64 (the value vocabulary).
 
-Arms: MM-Rec tiny (`configs/tiny.py`), the same with its long-term memory off
-(`model.mem_levels=0`), the Transformer of the same size
+Arms: MM-Rec tiny (`configs/tiny.py`), also scored with its memory's read-out
+zeroed after training (`mmrec/read_off`: does the trained model use its
+memory?), the same trained with its long-term memory off (`model.mem_levels=0`), the Transformer of the same size
 (`configs/baselines/transformer_tiny.py`, its KV cache holding the whole
 evaluation sequence), and optionally `mmrec_bigmem` (16 slots per level).
 Every arm uses the task tokenizer (one BPE trained on the generated text, each
@@ -249,6 +250,16 @@ def accuracy(model, variables, task, ids_NT, ans_NA, eod, seq_len, batch=16):
   return float(np.mean(ok_NA))                      # fraction of queries answered
 
 
+def read_off(variables):
+  """The variables with the memory's read-out zeroed: the memory is written and
+  read as before, but what it reads no longer reaches the block. Scoring a
+  trained model this way shows whether it uses its memory."""
+  def zero(path, x):
+    keys = [getattr(k, "key", None) for k in path]
+    return jnp.zeros_like(x) if "memory" in keys and "out" in keys else x
+  return jax.tree_util.tree_map_with_path(zero, variables)
+
+
 # ------------------------------------------------------------------ report
 
 
@@ -260,7 +271,8 @@ def plot(path, results, tasks, arms):
   for ax, task in zip(axes[0], tasks):
     for arm in arms:
       xs = sorted(results[task][arm], key=int)
-      ax.plot([int(x) for x in xs], [results[task][arm][x] for x in xs], "o-", label=arm)
+      ax.plot([int(x) for x in xs], [results[task][arm][x] for x in xs],
+              "x:" if arm.endswith("/read_off") else "o-", label=arm)
     if task == "passkey":
       ax.set_xscale("log", base=2)
       ax.axvline(FLAGS.seq_len, color="gray", linestyle="--", label="training length")
@@ -330,33 +342,40 @@ def main(argv):
     train_s = time.time() - t0
     model, variables, _, _ = loading.load(workdir, "latest")
     t1 = time.time()
-    for task in tasks:
-      results[task][arm] = {str(x): accuracy(model, variables, task, *sets[task][x], eod,
-                                             FLAGS.seq_len) for x in xs[task]}
+    evaluated = {arm: variables}
+    if getattr(model.cfg, "mem_levels", 0):   # the same model with its memory read zeroed
+      evaluated[f"{arm}/read_off"] = read_off(variables)
+    for name, v in evaluated.items():
+      for task in tasks:
+        results[task][name] = {str(x): accuracy(model, v, task, *sets[task][x], eod,
+                                                FLAGS.seq_len) for x in xs[task]}
     info[arm] = {"params": models.count_params(models.param_shapes(model)),
                  "val_loss": r.val_losses[-1][1] if r.val_losses else float("nan"),
                  "train_s": train_s}
     print(f"  {arm}: trained {r.step} steps in {train_s:.0f}s (held-out loss "
-          f"{info[arm]['val_loss']:.3f}), evaluated in {time.time() - t1:.0f}s; " + "; ".join(
-              f"{task} " + ", ".join(f"{x}: {a:.2f}" for x, a in results[task][arm].items())
-              for task in tasks), flush=True)
+          f"{info[arm]['val_loss']:.3f}), evaluated in {time.time() - t1:.0f}s", flush=True)
+    for name in evaluated:
+      print(f"    {name}: " + "; ".join(
+          f"{task} " + ", ".join(f"{x}: {a:.2f}" for x, a in results[task][name].items())
+          for task in tasks), flush=True)
+  columns = list(results[tasks[0]])
   for task in tasks:
     label = "distance" if task == "passkey" else "pairs"
     what = ("exact-match accuracy of the key" if task == "passkey"
             else "fraction of queries answered")
     print(f"\n{task}: {what} by {label} (training length {FLAGS.seq_len})")
-    print(f"{label:>10}  " + "  ".join(f"{a:>12}" for a in arms))
+    print(f"{label:>10}  " + "  ".join(f"{a:>17}" for a in columns))
     for x in xs[task]:
-      print(f"{x:>10}  " + "  ".join(f"{results[task][a][str(x)]:>12.2f}" for a in arms))
+      print(f"{x:>10}  " + "  ".join(f"{results[task][a][str(x)]:>17.2f}" for a in columns))
   print("\nparameters: " + ", ".join(f"{a} {info[a]['params']:,}" for a in arms))
   png = os.path.join(out, "recall.png")
-  plot(png, results, tasks, arms)
+  plot(png, results, tasks, columns)
   if len(tasks) == 1:
     obj = {"task": tasks[0], "arms": results[tasks[0]]}
   else:
     obj = {"task": ",".join(tasks),
            "arms": {a: {f"{t}:{x}": v for t in tasks for x, v in results[t][a].items()}
-                    for a in arms}}
+                    for a in columns}}
   obj.update(steps=FLAGS.steps, seq_len=FLAGS.seq_len, batch=FLAGS.batch, seed=FLAGS.seed,
              examples=FLAGS.examples, params={a: info[a]["params"] for a in arms},
              held_out_loss={a: info[a]["val_loss"] for a in arms},

@@ -195,9 +195,10 @@ def main(argv):
   for seed, curves in all_curves.items():
     for arm, pts in curves.items():
       style = {"scratch": "k-", "small": "g:", "grown_noise": "b-", "grown_plain": "r--"}[arm]
-      series[f"{arm} s{seed}"] = ([p[0] for p in pts], [p[2] for p in pts], style + "o")
+      series[f"{arm} s{seed}"] = ([p[0] for p in pts], [p[1] for p in pts], style + "o")
   path = os.path.join(root, "bench_grow.png")
-  metrics_lib.plot_lines(path, series, "cumulative training FLOPs", "held-out loss",
+  # bits per byte, not loss per token: the small model's tokenizer is not the big one's
+  metrics_lib.plot_lines(path, series, "cumulative training FLOPs", "held-out bits per byte",
                          title="growth vs scratch")
   print(f"wrote {os.path.join(root, 'bench_grow.json')} and {path}")
   if any(math.isnan(r["grown_noise"]["worst_train_loss_first_200"]) for r in results.values()):

@@ -36,6 +36,7 @@ for several tasks the task is "passkey,mqar" and the keys "passkey:<distance>",
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -226,13 +227,15 @@ def accuracy(model, variables, task, ids_NT, ans_NA, eod, seq_len, batch=16):
   passkey the fraction of keys whose every digit is right, for MQAR the
   fraction of queried values."""
   L = seq_len
+  N, T = ids_NT.shape
+  if hasattr(model.cfg, "cache_len"):   # the Transformer: a KV cache of the whole sequence
+    model = type(model)(dataclasses.replace(model.cfg, cache_len=T))
 
   @jax.jit
   def piece(variables, x_BT, state):
     logits_BTV, state, _ = model.apply(variables, x_BT, state=state, reset=x_BT == eod)
     return jnp.argmax(logits_BTV, axis=-1), state
 
-  N, T = ids_NT.shape
   pred_NT = np.zeros_like(ids_NT)
   for b0 in range(0, N, batch):
     x = ids_NT[b0:b0 + batch]

@@ -228,8 +228,9 @@ def accuracy(model, variables, task, ids_NT, ans_NA, eod, seq_len, batch=16):
   fraction of queried values."""
   L = seq_len
   N, T = ids_NT.shape
-  if hasattr(model.cfg, "cache_len"):   # the Transformer: a KV cache of the whole sequence
-    model = type(model)(dataclasses.replace(model.cfg, cache_len=T))
+  cfg = getattr(model, "cfg", None)
+  if hasattr(cfg, "cache_len"):   # the Transformer: a KV cache of the whole sequence
+    model = type(model)(dataclasses.replace(cfg, cache_len=T))
 
   @jax.jit
   def piece(variables, x_BT, state):

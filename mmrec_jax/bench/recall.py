@@ -162,22 +162,20 @@ def make_tokenizer(out):
   for text in ["the"] + ["the " + w for w in sorted(set(words))]:
     ids = tok.encode(text).ids
     if len(ids) != text.count(" ") + 1:
-        raise UsageError(f"the recall tokenizer splits {text!r} into {len(ids)} tokens; delete "
-                         f"{path} and rerun")
+      raise UsageError(f"the recall tokenizer splits {text!r} into {len(ids)} tokens; delete "
+                       f"{path} and rerun")
   return tok, path
 
 
 # ------------------------------------------------------------------ training
 
 
-def arm_config(arm, stream, tok, tok_path, data_dir, max_len):
+def arm_config(arm, stream, tok, tok_path, data_dir):
   path, model_overrides = ARMS[arm]
   c = config_lib.load_config_file(os.path.join(_REPO, path))
   c.model.update(model_overrides)
   c.model.vocab_size = tok.get_vocab_size()
   c.model.max_seq_len = max(c.model.max_seq_len, FLAGS.seq_len)
-  if c.model.kind == "transformer":   # its cache holds the whole evaluation sequence
-    c.model.cache_len = max_len
   c.data.path = os.path.join(data_dir, f"{stream}_train.txt")
   c.data.val_path = os.path.join(data_dir, f"{stream}_val.txt")
   c.data.tokenizer = tok_path
@@ -305,8 +303,10 @@ def main(argv):
     if a not in ARMS:
       raise UsageError(f"--arms: unknown arm {a!r}; use {', '.join(ARMS)}")
   xs = {"passkey": [int(x) for x in FLAGS.distances], "mqar": [int(x) for x in FLAGS.pairs]}
-  if "mqar" in tasks and max(xs["mqar"]) > N_WORDS:
-    raise UsageError(f"--pairs: at most {N_WORDS} pairs (the key vocabulary)")
+  if "mqar" in tasks and not all(1 <= x <= N_WORDS for x in xs["mqar"]):
+    raise UsageError(f"--pairs: each must be in 1..{N_WORDS} (the key vocabulary)")
+  if not all(x >= 0 for x in xs["passkey"]) or FLAGS.key_digits < 1:
+    raise UsageError("--distances must be >= 0 and --key_digits >= 1")
   out = FLAGS.out
   data_dir = os.path.join(out, "data")
   os.makedirs(data_dir, exist_ok=True)
@@ -329,7 +329,6 @@ def main(argv):
     workdir_lib.atomic_write(tag_path, tag)
   sets = {task: {x: eval_set(task, x, tok, rng_eval[task], FLAGS.examples, FLAGS.seq_len,
                              FLAGS.key_digits) for x in xs[task]} for task in tasks}
-  max_len = max(s[0].shape[1] for t in sets.values() for s in t.values())
   print(f"recall: tasks {', '.join(tasks)} (one training stream); arms {', '.join(arms)}; "
         f"{FLAGS.steps} steps of {FLAGS.batch} x {FLAGS.seq_len} = {n_train:,} training tokens "
         f"per arm; vocabulary {tok.get_vocab_size()}; {FLAGS.examples} evaluation examples per "
@@ -337,7 +336,7 @@ def main(argv):
   results = {t: {} for t in tasks}
   info = {}
   for arm in arms:
-    c = arm_config(arm, stream, tok, tok_path, data_dir, max_len)
+    c = arm_config(arm, stream, tok, tok_path, data_dir)
     # one workdir per setting, so a rerun with other settings never reuses a run
     run_id = hashlib.sha1(json.dumps([tag, c.to_dict()], sort_keys=True, default=str).encode())
     workdir = os.path.join(out, f"{arm}_{run_id.hexdigest()[:8]}")

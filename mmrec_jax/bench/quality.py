@@ -23,6 +23,7 @@ import time
 
 from absl import flags
 
+from mmrec_jax import bench
 from mmrec_jax import cli
 from mmrec_jax import config as config_lib
 from mmrec_jax import data as data_lib
@@ -33,12 +34,7 @@ from mmrec_jax import models
 from mmrec_jax import tokenizer as tok_lib
 from mmrec_jax import train
 
-_REPO = os.path.join(os.path.dirname(__file__), "..", "..")
-ARMS = {
-    "mmrec": ("configs/tiny.py", {}),
-    "mmrec_nomem": ("configs/tiny.py", {"mem_levels": 0}),
-    "transformer": ("configs/baselines/transformer_tiny.py", {}),
-}
+ARMS = bench.ARMS
 
 flags.DEFINE_string("data", "", "Training data (default: the built-in corpus).")
 flags.DEFINE_string("val_data", "", "Held-out data (default: a hash split of --data).")
@@ -57,10 +53,8 @@ FLAGS = flags.FLAGS
 
 
 def arm_config(arm, seed, steps, tokenizer_path):
-  path, model_overrides = ARMS[arm]
-  c = config_lib.load_config_file(os.path.join(_REPO, path))
+  c = bench.load_arm(arm, ARMS)
   t = c.train
-  c.model.update(model_overrides)
   c.model.max_seq_len = max(c.model.max_seq_len, FLAGS.seq_len)
   if c.model.kind == "transformer":   # loss by position: the cache holds the whole window
     c.model.cache_len = FLAGS.long * FLAGS.seq_len

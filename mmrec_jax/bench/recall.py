@@ -21,7 +21,8 @@ answers on fresh examples:
 
 Arms: MM-Rec tiny (`configs/tiny.py`), also scored with its memory's read-out
 zeroed after training (`mmrec/read_off`: does the trained model use its
-memory?), the same trained with its long-term memory off (`model.mem_levels=0`), the Transformer of the same size
+memory?), the same trained with its long-term memory off
+(`model.mem_levels=0`), the Transformer of the same size
 (`configs/baselines/transformer_tiny.py`, its KV cache holding the whole
 evaluation sequence), and optionally `mmrec_bigmem` (16 slots per level).
 Every arm uses the task tokenizer (one BPE trained on the generated text, each
@@ -47,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from mmrec_jax import bench
 from mmrec_jax import cli
 from mmrec_jax import config as config_lib
 from mmrec_jax import loading
@@ -56,13 +58,7 @@ from mmrec_jax import train
 from mmrec_jax import workdir as workdir_lib
 from mmrec_jax.errors import UsageError
 
-_REPO = os.path.join(os.path.dirname(__file__), "..", "..")
-ARMS = {
-    "mmrec": ("configs/tiny.py", {}),
-    "mmrec_nomem": ("configs/tiny.py", {"mem_levels": 0}),
-    "transformer": ("configs/baselines/transformer_tiny.py", {}),
-    "mmrec_bigmem": ("configs/tiny.py", {"mem_slots": 16}),
-}
+ARMS = dict(bench.ARMS, mmrec_bigmem=("configs/tiny.py", {"mem_slots": 16}))
 TASKS = ("passkey", "mqar")
 FILLER = ("the grass is green . the sky is blue . the sun is yellow . here we go . "
           "there and back again .").split()
@@ -171,9 +167,7 @@ def make_tokenizer(out):
 
 
 def arm_config(arm, stream, tok, tok_path, data_dir):
-  path, model_overrides = ARMS[arm]
-  c = config_lib.load_config_file(os.path.join(_REPO, path))
-  c.model.update(model_overrides)
+  c = bench.load_arm(arm, ARMS)
   c.model.vocab_size = tok.get_vocab_size()
   c.model.max_seq_len = max(c.model.max_seq_len, FLAGS.seq_len)
   c.data.path = os.path.join(data_dir, f"{stream}_train.txt")

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmrec_jax.errors import UsageError
+from mmrec_jax.models import layers
 
 MAX_NEW_TOKENS = 100_000
 
@@ -54,7 +55,23 @@ def _threshold(x_BV, enough, iters=32):
   return jnp.where(enough(x_BV >= hi_B[:, None]), hi_B, lo_B)
 
 
-def sample_logits(key, logits_BV, temperature, top_k, top_p):
+def noise_width(vocab, top_k):
+  """How many Gumbel draws one sampled token takes: k with top-k, else the vocabulary."""
+  return top_k if 0 < top_k < vocab else vocab
+
+
+def gumbel_noise(keys_B, i_N, width):
+  """Gumbel noise [N, B, width]: row r of step i draws with fold_in(keys_B[r], i).
+
+  Identical to drawing each step on its own; `Decoder` draws a block of steps
+  at once because the counter-based generator is a loop on CPU, whose fixed
+  cost per call dominated a decoding step."""
+  def one(i):
+    return jax.vmap(lambda k: jax.random.gumbel(jax.random.fold_in(k, i), (width,)))(keys_B)
+  return jax.vmap(one)(i_N)
+
+
+def sample_logits(key, logits_BV, temperature, top_k, top_p, gumbel_BK=None):
   """Next tokens int32 [B]; temperature 0 is greedy, top_k 0 / top_p 1 disable.
 
   The settings are Python numbers (static under jit). Top-k (`lax.top_k`) comes
@@ -63,6 +80,8 @@ def sample_logits(key, logits_BV, temperature, top_k, top_p):
   on the threshold, ties kept). Gumbel-max with `key`: a key array [B] gives
   row r the key key[r], so a row's token depends on its own key and logits
   only; one key gives row r fold_in(key, r) (depends on the row's index).
+  `gumbel_BK` [B, noise_width(V, top_k)]: noise drawn beforehand (then `key`
+  is unused).
   """
   B, V = logits_BV.shape
   logits_BV = logits_BV.astype(jnp.float32)
@@ -79,11 +98,12 @@ def sample_logits(key, logits_BV, temperature, top_k, top_p):
       thr_B = _threshold(x_BK, lambda keep: jnp.sum(jnp.where(keep, p_BK, 0.0), -1) >= top_p)
       keep_BK = x_BK >= thr_B[:, None]
     x_BK = jnp.where(keep_BK, x_BK, -jnp.inf)
-  if key.ndim == 0:
-    keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(B))
-  else:
-    keys = key
-  gumbel_BK = jax.vmap(lambda k: jax.random.gumbel(k, x_BK.shape[1:]))(keys)
+  if gumbel_BK is None:
+    if key.ndim == 0:
+      keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(B))
+    else:
+      keys = key
+    gumbel_BK = jax.vmap(lambda k: jax.random.gumbel(k, x_BK.shape[1:]))(keys)
   j_B = jnp.argmax(x_BK + gumbel_BK, axis=-1)
   if idx_BK is not None:
     j_B = jnp.take_along_axis(idx_BK, j_B[:, None], axis=-1)[:, 0]
@@ -134,31 +154,46 @@ class Decoder:
     logits_BTV, state, _ = self.model.apply(variables, tokens_BT, state=state, reset=reset_BT)
     return logits_BTV[:, -1], state
 
-  def _step(self, variables, keys_B, i, logits_BV, state, done_B, settings):
-    """Samples token i from logits_BV, feeds it; returns (tok_B, logits_BV, state, done_B).
+  NOISE_BLOCK = 32  # decoding steps whose sampling noise is drawn at once
+
+  def _step(self, variables, keys_B, i, logits_BV, state, done_B, settings, gumbel_BK=None):
+    """Samples token i from logits_BV, feeds it; returns (tok_B, logits_BV, state, done_B)
+    (the state as a list of per-layer states, see `layers.split_state`).
 
     Row r draws with fold_in(keys_B[r], i): its own key and the step only."""
-    step_keys_B = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys_B)
-    tok_B = sample_logits(step_keys_B, logits_BV, *settings)
+    state = layers.split_state(state, self.model.cfg.n_layers)
+    if gumbel_BK is None and settings[0] != 0:
+      width = noise_width(logits_BV.shape[-1], settings[1])
+      gumbel_BK = gumbel_noise(keys_B, i[None], width)[0]
+    tok_B = sample_logits(None, logits_BV, *settings, gumbel_BK=gumbel_BK)
     tok_B = jnp.where(done_B, self.pad_id, tok_B)
     done_B = done_B | (tok_B == self.eod_id)
     logits_B1V, state, _ = self.model.apply(variables, tok_B[:, None], state=state)
     return tok_B, logits_B1V[:, 0], state, done_B
 
   def _loop(self, variables, keys_B, logits_BV, state, settings, n_new):
-    B = logits_BV.shape[0]
+    B, V = logits_BV.shape
+    S = self.NOISE_BLOCK
+    width = noise_width(V, settings[1]) if settings[0] != 0 else 0
 
     def cond(c):
       return (c[0] < n_new) & ~jnp.all(c[3])
 
     def body(c):
-      i, logits_BV, state, done_B, out_BN = c
-      tok_B, logits_BV, state, done_B = self._step(variables, keys_B, i, logits_BV, state, done_B,
-                                                   settings)
-      return i + 1, logits_BV, state, done_B, out_BN.at[:, i].set(tok_B)
+      i, logits_BV, state, done_B, out_BN, noise_SBK = c
+      if width:  # the next S steps' noise, drawn when step i starts a block
+        noise_SBK = jax.lax.cond(i % S == 0,
+                                 lambda: gumbel_noise(keys_B, i + jnp.arange(S), width),
+                                 lambda: noise_SBK)
+      tok_B, logits_BV, state, done_B = self._step(
+          variables, keys_B, i, logits_BV, state, done_B, settings,
+          gumbel_BK=noise_SBK[i % S] if width else None)
+      return i + 1, logits_BV, state, done_B, out_BN.at[:, i].set(tok_B), noise_SBK
 
+    state = layers.split_state(state, self.model.cfg.n_layers)  # carried per layer, in place
     out_BN = jnp.full((B, n_new), self.pad_id, jnp.int32)
-    c = (jnp.int32(0), logits_BV, state, jnp.zeros((B,), bool), out_BN)
+    noise_SBK = jnp.zeros((S, B, width), jnp.float32)
+    c = (jnp.int32(0), logits_BV, state, jnp.zeros((B,), bool), out_BN, noise_SBK)
     return jax.lax.while_loop(cond, body, c)[4]
 
   def generate(self, variables, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,

@@ -95,6 +95,8 @@ def linear_scan(a_BTD, b_BTD, h0_BD=None, reset_BT=None, *, impl="auto", chunk=6
   h0_BD = jnp.zeros((B, D), jnp.float32) if h0_BD is None else h0_BD.astype(jnp.float32)
   if reset_BT is not None:
     a_BTD = jnp.where(reset_BT[:, :, None], 0.0, a_BTD)
+  if T == 1:  # one step (decoding): the same arithmetic as every implementation, no loop
+    return (a_BTD[:, 0] * h0_BD + b_BTD[:, 0])[:, None]
   impl = resolve_impl(impl, T)
   if impl == "sequential":
     return _sequential(a_BTD, b_BTD, h0_BD)

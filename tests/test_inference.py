@@ -123,6 +123,18 @@ def test_greedy_equals_argmax_of_full_pass(loaded):
   np.testing.assert_array_equal(want, new)
 
 
+def test_sampled_loop_equals_streamed_steps(loaded):
+  # The loop draws its sampling noise a block of steps at a time, the streamed
+  # path one step at a time: the same tokens, past the first block too.
+  _, variables, tok, _, dec = loaded
+  prompt = tok.encode("def main(").ids
+  kw = dict(temperature=1.0, top_k=20, top_p=0.9, seed=5)
+  loop = dec.generate(variables, [prompt], 40, **kw)[0]
+  streamed = dec.generate(variables, [prompt], 40, on_tokens=lambda t, d: None, **kw)[0]
+  assert loop == streamed
+  assert len(loop) > dec.NOISE_BLOCK
+
+
 @pytest.mark.slow
 def test_batch_decode_equals_single_decode(loaded):
   _, variables, tok, _, dec = loaded

@@ -95,7 +95,8 @@ def measure_speed(name, decode_tokens, prefill_tokens):
   for b in (1, 16):
     logits = jnp.zeros((b, model.cfg.vocab_size), jnp.float32)
     st = model.init_state(b)
-    s = best(lambda: dec.loop(variables, jax.random.key(0), logits, st, settings=settings,
+    keys = sampling.row_keys(0, b)
+    s = best(lambda: dec.loop(variables, keys, logits, st, settings=settings,
                               n_new=decode_tokens))
     out[f"decode_b{b}"] = b * decode_tokens / s
   # The prefill of generation: one parallel apply, last position's logits.

@@ -80,7 +80,10 @@ def run_layers(block_cls, cfg, x, state, *args, unstacked=False, deterministic=T
   checkpoint loads whatever `scan_layers` is: `scan_layers` only chooses between
   a rolled loop (compile time independent of depth) and a fully unrolled one.
   `unstacked=True` is the decoding form: layers `block_<i>` with their own
-  parameters (see `unstack_params`). Returns (x, stacked new state, stacked aux).
+  parameters (see `unstack_params`); it also takes the state as a list of
+  per-layer states (`split_state`) and then returns one, so a decoding loop
+  carries each layer's state in place instead of slicing and restacking it
+  every token. Returns (x, new state, stacked aux).
   """
   block = block_cls
   if cfg.remat != "none":
@@ -88,13 +91,14 @@ def run_layers(block_cls, cfg, x, state, *args, unstacked=False, deterministic=T
   if unstacked:
     states, auxes = [], []
     for i in range(cfg.n_layers):
-      st_i = jax.tree_util.tree_map(lambda s, i=i: s[i], state)
       x, (st_i, aux_i) = block(cfg, deterministic, name=f"block_{i}")(
-          x, st_i, *args)
+          x, layer_state(state, i), *args)
       states.append(st_i)
       auxes.append(aux_i)
     stack = lambda *s: jnp.stack(s)
-    return x, jax.tree_util.tree_map(stack, *states), jax.tree_util.tree_map(stack, *auxes)
+    if not isinstance(state, list):
+      states = jax.tree_util.tree_map(stack, *states)
+    return x, states, jax.tree_util.tree_map(stack, *auxes)
   scanned = nn.scan(block, variable_axes={"params": 0},
                     split_rngs={"params": True, "dropout": True},
                     in_axes=(0,) + (nn.broadcast,) * len(args), length=cfg.n_layers,
@@ -111,3 +115,24 @@ def unstack_params(params, n_layers):
   for i in range(n_layers):
     out[f"block_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], params["blocks"])
   return out
+
+
+def split_state(state, n_layers):
+  """A state stacked over layers -> a list of per-layer states (as-is if already one)."""
+  if isinstance(state, list):
+    return state
+  return [jax.tree_util.tree_map(lambda s, i=i: s[i], state) for i in range(n_layers)]
+
+
+def stack_state(state):
+  """A list of per-layer states -> the stacked form (as-is if already stacked)."""
+  if not isinstance(state, list):
+    return state
+  return jax.tree_util.tree_map(lambda *s: jnp.stack(s), *state)
+
+
+def layer_state(state, i):
+  """Layer i's state, from the stacked form or a list of per-layer states."""
+  if isinstance(state, list):
+    return state[i]
+  return jax.tree_util.tree_map(lambda s: s[i], state)

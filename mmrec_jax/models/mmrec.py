@@ -217,10 +217,24 @@ class HDSMemory(nn.Module):
     B, T, D = h_BTD.shape
     H = cfg.n_heads
     dt = cfg.compute_dtype
+    summary = dense(D, ("embed", "kv"), cfg, "summary")
+    key = dense(D, ("kv", "kv_out"), cfg, "key")
+    value = dense(D, ("kv", "kv_out"), cfg, "value")
+    out = dense(D, ("kv", "embed"), cfg, "out")
     # Learned pooling: a per-token weight in (0, 1); the summary is the weighted mean.
     w_BT = jax.nn.sigmoid(
         dense(1, ("embed", None), cfg, "pool", use_bias=True)(h_BTD.astype(dt))[..., 0]
     ).astype(jnp.float32)
+
+    def summarise_kv(acc_BKX):
+      """Key and value of the chunks' pooled summaries, float32 [..., 2D]."""
+      pooled_BKD = acc_BKX[..., :D] / jnp.maximum(acc_BKX[..., D:], 1e-6)
+      summ_BKD = nn.gelu(summary(pooled_BKD.astype(dt)))
+      return jnp.concatenate([key(summ_BKD), value(summ_BKD)], axis=-1).astype(jnp.float32)
+
+    if T == 1 and not self.is_initializing():
+      return _decode_one(cfg, h_BTD[:, 0], q_BTD[:, 0], w_BT[:, 0], reset_BT[:, 0], state,
+                         summarise_kv, out)
 
     pos_BT, last_reset_BT = jax.vmap(mem_lib.positions)(state.pos, reset_BT)
     start_BT = pos_BT % cfg.chunk_size == 0
@@ -238,14 +252,10 @@ class HDSMemory(nn.Module):
                + jnp.where((seg_BK == 0)[..., None], carry_BX[:, None], 0.0))
     last_BX = (sums(seg_BT[:, None, :] == seg_BT[:, -1:, None], x_BTX)[:, 0]
                + jnp.where(seg_BT[:, -1:] == 0, carry_BX, 0.0))
-    pooled_BKD = acc_BKX[..., :D] / jnp.maximum(acc_BKX[..., D:], 1e-6)
-    summ_BKD = nn.gelu(dense(D, ("embed", "kv"), cfg, "summary")(pooled_BKD.astype(dt)))
     # The memory stores each summary's key and value: the projections are linear,
     # so pooling them in the coarser levels equals projecting pooled summaries,
     # and no slot is ever projected twice.
-    kv_BKX = jnp.concatenate([dense(D, ("kv", "kv_out"), cfg, "key")(summ_BKD),
-                              dense(D, ("kv", "kv_out"), cfg, "value")(summ_BKD)],
-                             axis=-1).astype(jnp.float32)
+    kv_BKX = summarise_kv(acc_BKX)
 
     # A chunk's mass (its tokens' total pooling weight) weights it when levels merge.
     snaps, final = jax.vmap(mem_lib.run_writes)(state.memory, kv_BKX, acc_BKX[..., D],
@@ -257,7 +267,7 @@ class HDSMemory(nn.Module):
     window = min(cfg.chunk_size, T)
     read_BTHd = jax.vmap(mem_lib.attend, in_axes=(0, 0, 0, 0, 0, 0, None))(
         q_BTD.reshape(B, T, H, D // H), keys, vals, valid_BKM, k_BT, cleared_BT, window)
-    out_BTD = dense(D, ("kv", "embed"), cfg, "out")(read_BTHd.reshape(B, T, D).astype(dt))
+    out_BTD = out(read_BTHd.reshape(B, T, D).astype(dt))
 
     # The state after the last token.
     doc_cleared_B = last_reset_BT[:, -1] > jnp.max(jnp.where(is_end_BT, jnp.arange(T), -1), axis=1)
@@ -266,6 +276,49 @@ class HDSMemory(nn.Module):
         final)
     last_acc_BX = jnp.where(is_end_BT[:, -1:], 0.0, last_BX)
     return out_BTD, (final, pos_BT[:, -1] + 1, last_acc_BX[:, :D], last_acc_BX[:, D])
+
+
+def _decode_one(cfg, h_BD, q_BD, w_B, reset_B, state, summarise_kv, out):
+  """`HDSMemory` for one token (T = 1): the same numbers as the general path,
+  without its chunk bookkeeping; a chunk's summary is computed and written
+  (`lax.cond`) only at steps where some row ends a chunk, once every C tokens."""
+  B, D = h_BD.shape
+  H = cfg.n_heads
+  pos_B = jnp.where(reset_B, 0, state.pos)
+  # (sum w*h, sum w) of the chunk so far; a document start begins a new chunk
+  carry_BX = jnp.concatenate([state.chunk_sum, state.chunk_weight[:, None]], axis=-1)
+  acc_BX = (jnp.concatenate([w_B[:, None] * h_BD, w_B[:, None]], axis=-1)
+            + jnp.where((pos_B % cfg.chunk_size == 0)[:, None], 0.0, carry_BX))
+  # The token reads the memory as it was before it (nothing after a document start).
+  m_BMX, valid_BM = jax.vmap(mem_lib.readable)(state.memory)
+  valid_BM = valid_BM & ~reset_B[:, None]
+  hd = D // H
+  q_BHd = q_BD.reshape(B, H, hd)
+  keys_BMHd = m_BMX[..., :D].astype(q_BD.dtype).reshape(B, -1, H, hd)
+  vals_BMHd = m_BMX[..., D:].astype(q_BD.dtype).reshape(B, -1, H, hd)
+  logits_BHM = jnp.einsum("bhd,bmhd->bhm", q_BHd, keys_BMHd,
+                          preferred_element_type=jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
+  mask_BHM = valid_BM[:, None, :]
+  logits_BHM = jnp.where(mask_BHM, logits_BHM, -1e30)
+  p_BHM = jnp.where(mask_BHM, jnp.exp(logits_BHM - jnp.max(logits_BHM, -1, keepdims=True)), 0.0)
+  p_BHM = p_BHM / jnp.maximum(jnp.sum(p_BHM, -1, keepdims=True), 1e-30)
+  read_BHd = jnp.einsum("bhm,bmhd->bhd", p_BHM.astype(vals_BMHd.dtype), vals_BMHd,
+                        preferred_element_type=jnp.float32)
+  out_BD = out(read_BHd.reshape(B, D).astype(cfg.compute_dtype))
+
+  # A document start empties the memory; a chunk end writes the chunk's summary.
+  end_B = pos_B % cfg.chunk_size == cfg.chunk_size - 1
+  rows = lambda x_B, m: x_B.reshape((B,) + (1,) * (m.ndim - 1))
+
+  def update(memory):
+    memory = jax.tree_util.tree_map(
+        lambda m: jnp.where(rows(reset_B, m), jnp.zeros_like(m), m), memory)
+    new = jax.vmap(mem_lib.write)(memory, summarise_kv(acc_BX), acc_BX[:, D])
+    return jax.tree_util.tree_map(lambda n, m: jnp.where(rows(end_B, m), n, m), new, memory)
+
+  memory = jax.lax.cond(jnp.any(end_B | reset_B), update, lambda m: m, state.memory)
+  acc_BX = jnp.where(end_B[:, None], 0.0, acc_BX)
+  return out_BD[:, None], (memory, pos_B + 1, acc_BX[:, :D], acc_BX[:, D])
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))

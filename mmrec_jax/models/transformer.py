@@ -163,8 +163,9 @@ class Transformer(nn.Module):
       state = self.init_state(B, cache_len=0)
     reset_BT = jnp.zeros((B, T), bool) if reset is None else reset.astype(bool)
     # Positions within the document and document numbers (the same for every layer).
-    pos_BT, _ = jax.vmap(mem_lib.positions)(state.pos[0], reset_BT)
-    doc_BT = state.cur_doc[0][:, None] + jnp.cumsum(reset_BT, axis=1).astype(jnp.int32)
+    first = layers.layer_state(state, 0)
+    pos_BT, _ = jax.vmap(mem_lib.positions)(first.pos, reset_BT)
+    doc_BT = first.cur_doc[:, None] + jnp.cumsum(reset_BT, axis=1).astype(jnp.int32)
     embed_VD = layers.embedding(self, cfg)
     x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(cfg.compute_dtype)
     x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)

@@ -380,7 +380,9 @@ class Block(nn.Module):
     fused_BTnD = nn.DenseGeneral(
         (n, D), use_bias=False, dtype=dt, param_dtype=cfg.params_dtype,
         kernel_init=logical(layers.scaled(), "embed", None, "fused"), name="fused")(xn_BTD)
-    k_BTD, v_BTD, z_BTD, i_BTD = (fused_BTnD[..., j, :] for j in range(n - 4, n))
+    # One split (its gradient is one concatenation, not n padded copies summed).
+    parts = [p[..., 0, :] for p in jax.lax.split(fused_BTnD, [1] * n, axis=-2)]
+    k_BTD, v_BTD, z_BTD, i_BTD = parts[n - 4:]
 
     # MDI: log a = log sig(lam + f_base(z)) + log sig(f_ctx(k)), decay in (0, 1).
     half = _half_decay_logit(cfg.decay_min, cfg.decay_max)
@@ -399,7 +401,7 @@ class Block(nn.Module):
 
     if cfg.mem_levels:
       mem_BTD, (memory, pos, csum, cw) = HDSMemory(cfg, name="memory")(
-          h_BTD, fused_BTnD[..., 0, :], reset_BT, state)
+          h_BTD, parts[0], reset_BT, state)
       y_BTD = (h_BTD.astype(dt) + mem_BTD) * nn.gelu(v_BTD)
     else:  # no long-term memory: nothing written, nothing read, no parameters
       memory, pos, csum, cw = state.memory, state.pos, state.chunk_sum, state.chunk_weight

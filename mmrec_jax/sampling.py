@@ -151,8 +151,9 @@ class Decoder:
     return {"params": self._given.unstack(variables["params"])[1]}
 
   def _prefill(self, variables, tokens_BT, reset_BT, state=None):
-    logits_BTV, state, _ = self.model.apply(variables, tokens_BT, state=state, reset=reset_BT)
-    return logits_BTV[:, -1], state
+    logits_B1V, state, _ = self.model.apply(variables, tokens_BT, state=state, reset=reset_BT,
+                                            last_only=True)
+    return logits_B1V[:, -1], state
 
   NOISE_BLOCK = 32  # decoding steps whose sampling noise is drawn at once
 

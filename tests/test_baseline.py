@@ -104,3 +104,16 @@ def test_baseline_configs_match_mmrec_sizes_within_5_percent():
   for size in ("tiny", "mini"):
     mm, tf = count(f"configs/{size}.py"), count(f"configs/baselines/transformer_{size}.py")
     assert abs(tf - mm) / mm < 0.05, (size, mm, tf)
+
+
+def test_decoder_greedy_equals_argmax_of_full_pass(arm):
+  # The decoding form (layers unrolled, per-layer state, last-position prefill).
+  from mmrec_jax import sampling  # pylint: disable=g-import-not-at-top
+  model, params, apply = arm
+  dec = sampling.Decoder(model, eod_id=V - 1, pad_id=1)
+  prompt = [5, 9, 3, 7, 11]
+  new = dec.generate({"params": params}, [prompt], 6, temperature=0, pad_multiple=1)[0]
+  assert new
+  full, _, _ = apply(params, jnp.array([[V - 1] + prompt + new]), None, None)
+  want = np.asarray(jnp.argmax(full[0], -1))[len(prompt):len(prompt) + len(new)]
+  np.testing.assert_array_equal(want, new)

@@ -7,9 +7,10 @@ schema (a frozen dataclass holding its defaults) and the same surface.
     logits_BTV, state, aux = model.apply({"params": params}, tokens_BT)
 
 Every model is a Flax module with
-- `__call__(tokens, state=None, reset=None, deterministic=True) -> (logits float32,
-  state, aux)`: `state` is its decoding state, `reset` marks document starts,
-  `aux` its auxiliary losses;
+- `__call__(tokens, state=None, reset=None, deterministic=True, last_only=False)
+  -> (logits float32, state, aux)`: `state` is its decoding state, `reset` marks
+  document starts, `aux` its auxiliary losses; `last_only` returns the last
+  position's logits only ([B, 1, V], for a prefill);
 - `init_state(batch)`, `flops_per_token(seq_len)`, `aux_weights()`;
 - `unstack(params) -> (model, params)`: the form decoding runs (may be itself).
 Its parameters carry logical axis names, with layers stacked on a leading

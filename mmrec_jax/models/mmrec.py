@@ -498,7 +498,7 @@ class MMRec(nn.Module):
     return model, None if params is None else layers.unstack_params(params, self.cfg.n_layers)
 
   @nn.compact
-  def __call__(self, tokens_BT, state=None, reset=None, deterministic=True):
+  def __call__(self, tokens_BT, state=None, reset=None, deterministic=True, last_only=False):
     cfg = self.cfg
     B, T = tokens_BT.shape
     if state is None:
@@ -511,5 +511,7 @@ class MMRec(nn.Module):
                                               unstacked=self.unstacked,
                                               deterministic=deterministic)
     aux = {k: (jnp.mean(v) if k == "moe" else jnp.sum(v)) for k, v in aux.items()}
+    if last_only:  # logits of the last position only (a prefill needs no others)
+      x_BTD = x_BTD[:, -1:]
     x_BTD = rms_norm(cfg, "final_norm")(x_BTD)
     return layers.tied_head(x_BTD, embed_VD, cfg), new_state, aux

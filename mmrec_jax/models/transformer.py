@@ -156,7 +156,7 @@ class Transformer(nn.Module):
     return model, None if params is None else layers.unstack_params(params, self.cfg.n_layers)
 
   @nn.compact
-  def __call__(self, tokens_BT, state=None, reset=None, deterministic=True):
+  def __call__(self, tokens_BT, state=None, reset=None, deterministic=True, last_only=False):
     cfg = self.cfg
     B, T = tokens_BT.shape
     if state is None:  # a fresh start: attend to the new tokens only
@@ -172,5 +172,7 @@ class Transformer(nn.Module):
     x_BTD, new_state, _ = layers.run_layers(Block, cfg, x_BTD, state, pos_BT, doc_BT,
                                             unstacked=self.unstacked,
                                             deterministic=deterministic)
+    if last_only:  # logits of the last position only (a prefill needs no others)
+      x_BTD = x_BTD[:, -1:]
     x_BTD = rms_norm(cfg, "final_norm")(x_BTD)
     return layers.tied_head(x_BTD, embed_VD, cfg), new_state, {}

@@ -244,14 +244,3 @@ def test_last_only_gives_the_last_positions_logits(all_on):
   for a, b in zip(jax.tree.leaves(s_last), jax.tree.leaves(s_full)):
     np.testing.assert_array_equal(a, b)
 
-
-def test_decode_benchmark_measures_a_small_model():
-  from mmrec_jax.bench import decode as bench_decode  # pylint: disable=g-import-not-at-top
-  cfg = M.MMRecConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, chunk_size=4,
-                      mem_slots=2, mem_levels=2)
-  model = M.MMRec(cfg)
-  params = nn.unbox(models.init_params(model, jax.random.key(0)))
-  out = bench_decode.measure_speed(model, {"params": params}, decode_tokens=3,
-                                   prefill_tokens=8, reps=1)
-  assert all(out[k] > 0 for k in ("decode_b1", "decode_b16", "prefill"))
-  assert 0 < out["prefill_flops_per_token"] < model.flops_per_token()

@@ -1,0 +1,151 @@
+"""Where a train step's time goes: `python -m mmrec_jax.bench.profile --config=configs/tiny.py`.
+
+Times, then traces, --steps compiled train steps (random tokens, --batch x --seq_len) with
+`jax.profiler`, attributes every executed XLA operation to the model code that
+produced it (the `op_name` metadata of the compiled HLO) and prints its share of
+the operations' time by category, and the --top operations:
+
+- matmul: every dot (forward and backward, head included);
+- head & loss: the softmax cross entropy around the head (not its matmuls);
+- memory: the HDS memory's non-matmul work (pooling, writes, masks, gathers);
+- recurrence: the scans' loop bodies;
+- layout: copies and transposes XLA inserted;
+- optimizer: the AdamW update and gradient clipping;
+- elementwise: everything else (gates, norms, activations, the MDI decay).
+
+Shares are of the operations' summed time; on a multi-core CPU operations
+overlap, so the sum exceeds the step's wall time (printed beside it).
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+
+from mmrec_jax import config as config_lib
+from mmrec_jax import sharding as shard_lib
+from mmrec_jax import train_state as ts_lib
+# --config, --batch, --seq_len and --steps (timed, then traced) are bench.train's flags.
+from mmrec_jax.bench.train import random_batch
+
+flags.DEFINE_integer("top", 15, "operations listed")
+FLAGS = flags.FLAGS
+
+CATEGORIES = ("matmul", "head & loss", "memory", "recurrence", "layout", "optimizer",
+              "elementwise")
+_SKIP = ("$", "Thunk", "end:", "Threadpool", "ThreadpoolListener", "Pjit", "Slinky")
+
+
+def op_sources(hlo_text):
+  """{instruction name: op_name} from compiled HLO text; a fusion or call gets the
+  op_name of the last instruction of the computation it calls."""
+  own = dict(re.findall(r"%([\w.\-]+) = [^\n]*?metadata=\{op_name=\"([^\"]+)\"", hlo_text))
+  calls = dict(re.findall(r"%([\w.\-]+) = [^\n]*?calls=%([\w.\-]+)", hlo_text))
+  comp = {}
+  for name, body in re.findall(r"\n%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.S):
+    ops = re.findall(r"op_name=\"([^\"]+)\"", body)
+    if ops:
+      comp[name] = ops[-1]
+  out = dict(own)
+  for name, callee in calls.items():
+    if name not in out and callee in comp:
+      out[name] = comp[callee]
+  return out
+
+
+def category(event_name, src):
+  """The category of one executed operation (see the module docstring)."""
+  last = src.split("/")[-1]
+  if "optax" in src or "clip" in src or src.startswith("jit(train_step)/") and (
+      "jvp" not in src and "transpose" not in src and "MMRec" not in src
+      and "Transformer" not in src and "while" not in src):
+    if "dot_general" not in last:
+      return "optimizer"
+  if "dot" in event_name or last == "dot_general" or "dot_general" in event_name:
+    return "matmul"
+  if "/memory/" in src:
+    return "memory"
+  if event_name.startswith(("copy", "transpose")) or last in ("transpose", "copy"):
+    return "layout"
+  if "/while/body" in src or "dynamic_update_slice" in src or "dynamic_slice" in src:
+    return "recurrence"
+  if "blocks" not in src and "block_" not in src:
+    return "head & loss"
+  return "elementwise"
+
+
+def summarize(events, sources, steps):
+  """(ms per step by category, [(ms per step, source, name)] of the largest ops)."""
+  by_cat = collections.Counter()
+  by_op = collections.Counter()
+  for e in events:
+    name = e.get("name", "")
+    if e.get("ph") != "X" or name.startswith(_SKIP) or name.startswith("while"):
+      continue   # a while's event spans its body's operations, which are counted
+    src = sources.get(name, "?")
+    dur_ms = e.get("dur", 0) / 1e3 / steps
+    by_cat[category(name, src)] += dur_ms
+    by_op[(re.sub(r"^jit\(\w+\)/", "", src), re.sub(r"[.\d]+$", "", name))] += dur_ms
+  return by_cat, [(v, s, n) for (s, n), v in by_op.most_common()]
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  c = FLAGS.config
+  c.train.batch_size, c.train.seq_len = FLAGS.batch, FLAGS.seq_len
+  c.model.max_seq_len = max(c.model.max_seq_len, FLAGS.seq_len)
+  config_lib.validate(c)
+  s = ts_lib.setup(c)
+  state = ts_lib.create(s)
+  batch = shard_lib.put_batch(random_batch(np.random.default_rng(0), FLAGS.batch, FLAGS.seq_len,
+                                           c.model.vocab_size), s.mesh)
+  compiled = s.train_step.lower(state, batch).compile()
+  sources = op_sources(compiled.as_text())
+  for _ in range(2):  # warm-up
+    state, m = compiled(state, batch)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(FLAGS.steps):
+    t = time.perf_counter()
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  with tempfile.TemporaryDirectory() as d:
+    jax.profiler.start_trace(d)
+    for _ in range(FLAGS.steps):
+      state, m = compiled(state, batch)
+      jax.block_until_ready(m)
+    jax.profiler.stop_trace()
+    traces = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
+    if not traces:
+      raise SystemExit("error: the profiler wrote no trace; is this jaxlib built with it?")
+    with gzip.open(traces[0]) as f:
+      events = json.load(f)["traceEvents"]
+  by_cat, ops = summarize(events, sources, FLAGS.steps)
+  total = sum(by_cat.values())
+  print(f"model {c.model.name}, batch {FLAGS.batch} x {FLAGS.seq_len}, "
+        f"{jax.devices()[0].device_kind}: step {statistics.median(times) * 1e3:.1f} ms "
+        f"(median of {FLAGS.steps}, untraced); operations' time {total:.1f} ms per step")
+  print(f"\n| category | ms / step | share |\n| --- | --- | --- |")
+  for cat in CATEGORIES:
+    print(f"| {cat} | {by_cat[cat]:.1f} | {100 * by_cat[cat] / max(total, 1e-9):.1f}% |")
+  print(f"\ntop {FLAGS.top} operations (ms / step, source, XLA operation):")
+  for v, src, name in ops[:FLAGS.top]:
+    print(f"  {v:7.2f}  {src[-100:]}  [{name}]")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,57 @@
+"""The benchmark tools' own logic (what they measure is timed by running them)."""
+import flax.linen as nn
+import jax
+
+from mmrec_jax import models
+from mmrec_jax.bench import decode as bench_decode
+from mmrec_jax.bench import profile
+from mmrec_jax.models import mmrec as M
+
+HLO = '''
+%fused_computation.7 (param_0: f32[4,8]) -> f32[4,8] {
+  %param_0 = f32[4,8]{1,0} parameter(0)
+  ROOT %exp.1 = f32[4,8]{1,0} exponential(%param_0), metadata={op_name="jit(train_step)/jvp()/exp"}
+}
+
+ENTRY %main {
+  %dot.3 = f32[4,8]{1,0} dot(%a, %b), metadata={op_name="jit(train_step)/jvp(MMRec)/closed_call/blocks/ffn/up/dot_general"}
+  %subtract_exponential_fusion = f32[4,8]{1,0} fusion(%dot.3), kind=kLoop, calls=%fused_computation.7
+  %copy.2 = f32[4,8]{1,0} copy(%x)
+}
+'''
+
+
+def test_profile_attributes_operations_to_their_source():
+  src = profile.op_sources(HLO)
+  assert src["dot.3"].endswith("ffn/up/dot_general")
+  assert src["subtract_exponential_fusion"] == "jit(train_step)/jvp()/exp"  # via its callee
+  assert "copy.2" not in src
+  events = [{"ph": "X", "name": "dot.3", "dur": 3000},
+            {"ph": "X", "name": "subtract_exponential_fusion", "dur": 1000},
+            {"ph": "X", "name": "copy.2", "dur": 2000},
+            {"ph": "X", "name": "while.1", "dur": 9000},   # spans its body: not counted
+            {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9000},
+            {"ph": "i", "name": "dot.3"}]
+  by_cat, ops = profile.summarize(events, src, steps=2)
+  assert by_cat == {"matmul": 1.5, "head & loss": 0.5, "layout": 1.0}
+  assert ops[0] == (1.5, "jvp(MMRec)/closed_call/blocks/ffn/up/dot_general", "dot")
+
+
+def test_profile_categories():
+  c = profile.category
+  assert c("ynn_fusion", "jit(train_step)/transpose(jvp(MMRec))/btd,vd->btv/dot_general") == "matmul"
+  assert c("select_fusion", "jit(train_step)/jvp(MMRec)/closed_call/blocks/memory/vmap()/select_n") == "memory"
+  assert c("add_fusion", "jit(train_step)/jvp(MMRec)/closed_call/blocks/while/body/add") == "recurrence"
+  assert c("multiply_fusion", "jit(train_step)/mul") == "optimizer"
+  assert c("tanh_fusion", "jit(train_step)/jvp(MMRec)/closed_call/blocks/ffn/tanh") == "elementwise"
+
+
+def test_decode_benchmark_measures_a_small_model():
+  cfg = M.MMRecConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, chunk_size=4,
+                      mem_slots=2, mem_levels=2)
+  model = M.MMRec(cfg)
+  params = nn.unbox(models.init_params(model, jax.random.key(0)))
+  out = bench_decode.measure_speed(model, {"params": params}, decode_tokens=3,
+                                   prefill_tokens=8, reps=1)
+  assert all(out[k] > 0 for k in ("decode_b1", "decode_b16", "prefill"))
+  assert 0 < out["prefill_flops_per_token"] < model.flops_per_token()

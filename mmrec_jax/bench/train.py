@@ -24,7 +24,8 @@ config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file")
 flags.DEFINE_integer("batch", 4, "global batch size")
 flags.DEFINE_integer("seq_len", 512, "tokens per row")
 flags.DEFINE_integer("steps", 5, "timed steps (median reported)")
-flags.DEFINE_integer("peak_reps", 31, "timed repetitions per matmul size of the peak")
+if "peak_reps" not in flags.FLAGS:  # the same flag as bench.decode's (one process may import both)
+  flags.DEFINE_integer("peak_reps", 31, "Timed repetitions per matmul size of the peak.")
 FLAGS = flags.FLAGS
 
 

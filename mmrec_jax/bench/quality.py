@@ -140,12 +140,16 @@ def report(res, steps):
         "final_loss": mean_spread([f[1] for f in final]),
         "final_bits_per_byte": mean_spread([f[2] for f in final]),
         "tokens_per_s": statistics.median([r["tokens_per_s"] for r in runs]),
-        "loss_by_position": {f"{a}-{b}": float(sums[a:b].sum() / max(counts[a:b].sum(), 1))
+        # None (JSON null) where no held-out document reaches those positions
+        "loss_by_position": {f"{a}-{b}": (float(sums[a:b].sum() / counts[a:b].sum())
+                                          if counts[a:b].sum() else None)
                              for a, b in zip(edges, edges[1:])},
     }
   for a, b in zip(edges, edges[1:]):
+    vals = [out["arms"][arm]["loss_by_position"][f"{a}-{b}"] for arm in res]
     print(f"{f'[{a}, {b})':>14}  " + "  ".join(
-        f"{out['arms'][arm]['loss_by_position'][f'{a}-{b}']:>12.4f}" for arm in res))
+        f"{'n/a':>12}" if v is None else f"{v:>12.4f}" for v in vals)
+          + ("  (no held-out document is this long)" if None in vals else ""))
   print("\ntraining tokens/s (median over seeds, same run): " + ", ".join(
       f"{arm} {v['tokens_per_s']:,.0f}" for arm, v in out["arms"].items()))
   png = os.path.join(FLAGS.out, "quality_by_position.png")

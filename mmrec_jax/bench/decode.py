@@ -25,7 +25,7 @@ from mmrec_jax import models
 
 flags.DEFINE_list("configs", ["tiny", "small"], "Config names under configs/.")
 flags.DEFINE_list("contexts", ["1024", "8192", "65536"], "Context lengths (tokens).")
-flags.DEFINE_integer("decode_tokens", 64, "Tokens per timed decode run.")
+flags.DEFINE_integer("decode_tokens", 256, "Tokens per timed decode run.")
 flags.DEFINE_integer("prefill_tokens", 2048, "Prompt length of the timed prefill.")
 flags.DEFINE_integer("piece", 4096, "Prefill piece length for long contexts.")
 flags.DEFINE_integer("reps", 5, "Timed runs per figure (the median is reported).")

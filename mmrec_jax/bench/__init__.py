@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from mmrec_jax import config as config_lib
 
 _REPO = os.path.join(os.path.dirname(__file__), "..", "..")
@@ -23,3 +25,10 @@ def load_arm(arm, arms=None):
   c = config_lib.load_config_file(os.path.join(_REPO, path))
   c.model.update(model_overrides)
   return c
+
+
+def random_batch(rng, batch, seq_len, vocab):
+  """A training batch of uniform random tokens (speed does not depend on them)."""
+  tokens = rng.integers(0, vocab, size=(batch, seq_len + 1), dtype=np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "reset": np.zeros((batch, seq_len), bool), "mask": np.ones((batch, seq_len), np.float32)}

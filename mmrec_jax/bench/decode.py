@@ -23,16 +23,21 @@ from absl import flags
 
 from mmrec_jax import models
 
-flags.DEFINE_list("configs", ["tiny", "small"], "Config names under configs/.")
-flags.DEFINE_list("contexts", ["1024", "8192", "65536"], "Context lengths (tokens).")
-flags.DEFINE_integer("decode_tokens", 256, "Tokens per timed decode run.")
-flags.DEFINE_integer("prefill_tokens", 2048, "Prompt length of the timed prefill.")
-flags.DEFINE_integer("piece", 4096, "Prefill piece length for long contexts.")
-flags.DEFINE_integer("reps", 5, "Timed runs per figure (the median is reported).")
-if "peak_reps" not in flags.FLAGS:  # the same flag as bench.train's (one process may import both)
-  flags.DEFINE_integer("peak_reps", 31, "Timed repetitions per matmul size of the peak.")
-flags.DEFINE_string("child", None, "internal: NAME:CONTEXT, measure one context and exit.")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command's flags (defined when it runs, so importing this module defines none)."""
+  flags.DEFINE_list("configs", ["tiny", "small"], "Config names under configs/.")
+  flags.DEFINE_list("contexts", ["1024", "8192", "65536"], "Context lengths (tokens).")
+  flags.DEFINE_integer("decode_tokens", 256, "Tokens per timed decode run.")
+  flags.DEFINE_integer("prefill_tokens", 2048, "Prompt length of the timed prefill.")
+  flags.DEFINE_integer("piece", 4096, "Prefill piece length for long contexts.")
+  flags.DEFINE_integer("reps", 5, "Timed runs per figure (the median is reported).")
+  flags.DEFINE_integer("peak_reps", 31, "Timed repetitions per matmul size of the peak.")
+  flags.DEFINE_string("child", None, "internal: NAME:CONTEXT, measure one context and exit.")
+
+
 _CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 
 
@@ -163,4 +168,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -33,15 +33,23 @@ import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections import config_flags
 
 from mmrec_jax import config as config_lib
 from mmrec_jax import sharding as shard_lib
 from mmrec_jax import train_state as ts_lib
-# --config, --batch, --seq_len and --steps (timed, then traced) are bench.train's flags.
-from mmrec_jax.bench.train import random_batch
+from mmrec_jax.bench import random_batch
 
-flags.DEFINE_integer("top", 15, "operations listed")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command's flags (defined when it runs, so importing this module defines none)."""
+  config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file")
+  flags.DEFINE_integer("batch", 4, "global batch size")
+  flags.DEFINE_integer("seq_len", 512, "tokens per row")
+  flags.DEFINE_integer("steps", 3, "timed, then traced, steps")
+  flags.DEFINE_integer("top", 15, "operations listed")
 
 CATEGORIES = ("matmul", "head & loss", "memory", "recurrence", "layout", "optimizer",
               "elementwise")
@@ -148,4 +156,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

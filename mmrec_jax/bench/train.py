@@ -16,6 +16,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from mmrec_jax import config as config_lib
+from mmrec_jax.bench import random_batch
 from mmrec_jax import metrics as metrics_lib
 from mmrec_jax import sharding as shard_lib
 from mmrec_jax import train_state as ts_lib
@@ -24,15 +25,8 @@ config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file")
 flags.DEFINE_integer("batch", 4, "global batch size")
 flags.DEFINE_integer("seq_len", 512, "tokens per row")
 flags.DEFINE_integer("steps", 5, "timed steps (median reported)")
-if "peak_reps" not in flags.FLAGS:  # the same flag as bench.decode's (one process may import both)
-  flags.DEFINE_integer("peak_reps", 31, "Timed repetitions per matmul size of the peak.")
+flags.DEFINE_integer("peak_reps", 31, "timed repetitions per matmul size of the peak")
 FLAGS = flags.FLAGS
-
-
-def random_batch(rng, batch, seq_len, vocab):
-  tokens = rng.integers(0, vocab, size=(batch, seq_len + 1), dtype=np.int32)
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-          "reset": np.zeros((batch, seq_len), bool), "mask": np.ones((batch, seq_len), np.float32)}
 
 
 def main(argv):

@@ -9,6 +9,8 @@
 #   forward and forward+backward, each against an elementwise pass over the same
 #   bytes (the scan is memory-bound: that pass is its roofline on this device);
 # - bench.decode: small and base, batch 1 and 16, prefill.
+# - bench.profile: where small's bfloat16 train step spends its time (untried on
+#   GPU: the attribution reads XLA operation names from the trace).
 #
 # Needs a Python with JAX for CUDA (PYTHON=..., default python3) and the project's
 # dependencies; on a machine without network, carry the missing ones as wheels and
@@ -33,4 +35,6 @@ step mmrec_jax.bench.train --config=configs/base.py --config.model.dtype=bfloat1
 step mmrec_jax.bench.scan --sizes=base --min_len=1024 --max_len=32768 --factor=2
 step mmrec_jax.bench.scan --sizes=base --min_len=1024 --max_len=32768 --factor=2 --grad
 step mmrec_jax.bench.decode --configs=small,base --contexts=1024,8192
+step mmrec_jax.bench.profile --config=configs/small.py --config.model.dtype=bfloat16 \
+  --batch=32 --seq_len=2048 --steps=3
 echo "== done; log in $LOG"

@@ -26,8 +26,9 @@ chunks before its own (block-causal).
 
 Training computes every chunk's summary in parallel, runs the memory writes as
 a short scan over chunk ends (T / C steps), and lets each token attend to the
-snapshot of the memory it may see. Decoding calls the very same functions with
-T = 1, so both give the same numbers.
+snapshot of the memory it may see. Decoding one token at a time uses the same
+`write` (only when a chunk ends) and `read` (the same attention over the
+readable slots), so both give the same numbers.
 
 Everything here is for ONE sequence; the layer vmaps it over the batch.
 """
@@ -159,6 +160,29 @@ def run_writes(mem0, kv_KX, mass_K, valid_K, clear_K):
   return snaps, final
 
 
+def _masked_softmax(logits, mask, axes):
+  """Softmax over `axes` of the entries `mask` keeps; all zeros where it keeps none."""
+  logits = jnp.where(mask, logits, -1e30)
+  mx = jnp.max(logits, axis=axes, keepdims=True)
+  p = jnp.where(mask, jnp.exp(logits - mx), 0.0)
+  return p / jnp.maximum(jnp.sum(p, axis=axes, keepdims=True), 1e-30)
+
+
+def read(mem, q_Hd, cleared):
+  """One token's read (decoding): multi-head attention over the readable slots of
+  `mem`, the memory before the token; nothing if `cleared` (its document starts
+  here). Returns [H, hd] float32, zeros from an empty memory."""
+  H, hd = q_Hd.shape
+  m_MX, valid_M = readable(mem)
+  keys_MHd = m_MX[:, :H * hd].astype(q_Hd.dtype).reshape(-1, H, hd)
+  vals_MHd = m_MX[:, H * hd:].astype(q_Hd.dtype).reshape(-1, H, hd)
+  logits_HM = jnp.einsum("hd,mhd->hm", q_Hd, keys_MHd,
+                         preferred_element_type=jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
+  p_HM = _masked_softmax(logits_HM, (valid_M & ~cleared)[None, :], -1)
+  return jnp.einsum("hm,mhd->hd", p_HM.astype(vals_MHd.dtype), vals_MHd,
+                    preferred_element_type=jnp.float32)
+
+
 def attend(q_THd, keys_KMHd, values_KMHd, valid_KM, k_T, cleared_T, window):
   """Each token attends to the memory snapshot it may see (multi-head).
 
@@ -186,11 +210,7 @@ def attend(q_THd, keys_KMHd, values_KMHd, valid_KM, k_T, cleared_T, window):
   sel_NW2 = (k_NW - lo_N[:, None])[..., None] == jnp.arange(2)
   mask = (sel_NW2[:, :, None, :, None] & ok_N2M[:, None, None, :, :]
           & ~cleared_T.reshape(n, window)[:, :, None, None, None])
-  logits = jnp.where(mask, logits, -1e30)
-  mx = jnp.max(logits, axis=(-2, -1), keepdims=True)
-  p = jnp.where(mask, jnp.exp(logits - mx), 0.0)
-  denom = jnp.sum(p, axis=(-2, -1), keepdims=True)
-  p = p / jnp.maximum(denom, 1e-30)
+  p = _masked_softmax(logits, mask, (-2, -1))
   out_NWHd = jnp.einsum("nwhjm,njmhd->nwhd", p.astype(vv_N2MHd.dtype), vv_N2MHd,
                         preferred_element_type=jnp.float32)
   return out_NWHd.reshape(n * window, H, hd)[:T]

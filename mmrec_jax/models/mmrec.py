@@ -290,20 +290,7 @@ def _decode_one(cfg, h_BD, q_BD, w_B, reset_B, state, summarise_kv, out):
   acc_BX = (jnp.concatenate([w_B[:, None] * h_BD, w_B[:, None]], axis=-1)
             + jnp.where((pos_B % cfg.chunk_size == 0)[:, None], 0.0, carry_BX))
   # The token reads the memory as it was before it (nothing after a document start).
-  m_BMX, valid_BM = jax.vmap(mem_lib.readable)(state.memory)
-  valid_BM = valid_BM & ~reset_B[:, None]
-  hd = D // H
-  q_BHd = q_BD.reshape(B, H, hd)
-  keys_BMHd = m_BMX[..., :D].astype(q_BD.dtype).reshape(B, -1, H, hd)
-  vals_BMHd = m_BMX[..., D:].astype(q_BD.dtype).reshape(B, -1, H, hd)
-  logits_BHM = jnp.einsum("bhd,bmhd->bhm", q_BHd, keys_BMHd,
-                          preferred_element_type=jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
-  mask_BHM = valid_BM[:, None, :]
-  logits_BHM = jnp.where(mask_BHM, logits_BHM, -1e30)
-  p_BHM = jnp.where(mask_BHM, jnp.exp(logits_BHM - jnp.max(logits_BHM, -1, keepdims=True)), 0.0)
-  p_BHM = p_BHM / jnp.maximum(jnp.sum(p_BHM, -1, keepdims=True), 1e-30)
-  read_BHd = jnp.einsum("bhm,bmhd->bhd", p_BHM.astype(vals_BMHd.dtype), vals_BMHd,
-                        preferred_element_type=jnp.float32)
+  read_BHd = jax.vmap(mem_lib.read)(state.memory, q_BD.reshape(B, H, D // H), reset_B)
   out_BD = out(read_BHd.reshape(B, D).astype(cfg.compute_dtype))
 
   # A document start empties the memory; a chunk end writes the chunk's summary.

@@ -32,3 +32,38 @@ def random_batch(rng, batch, seq_len, vocab):
   tokens = rng.integers(0, vocab, size=(batch, seq_len + 1), dtype=np.int32)
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
           "reset": np.zeros((batch, seq_len), bool), "mask": np.ones((batch, seq_len), np.float32)}
+
+
+def compiled_train_step(c, batch_size, seq_len):
+  """(setup, state, batch, compiled train step, compile seconds) of config `c` on
+  random tokens of batch_size x seq_len: what the speed benchmarks time."""
+  import time  # pylint: disable=g-import-not-at-top
+  from mmrec_jax import sharding as shard_lib  # pylint: disable=g-import-not-at-top
+  from mmrec_jax import train_state as ts_lib  # pylint: disable=g-import-not-at-top
+  c.train.batch_size, c.train.seq_len = batch_size, seq_len
+  c.model.max_seq_len = max(c.model.max_seq_len, seq_len)
+  config_lib.validate(c)
+  s = ts_lib.setup(c)
+  state = ts_lib.create(s)
+  batch = shard_lib.put_batch(random_batch(np.random.default_rng(0), batch_size, seq_len,
+                                           c.model.vocab_size), s.mesh)
+  t0 = time.perf_counter()
+  compiled = s.train_step.lower(state, batch).compile()
+  return s, state, batch, compiled, time.perf_counter() - t0
+
+
+def time_steps(compiled, state, batch, steps, warmup=1):
+  """Runs `warmup` then `steps` train steps; returns (state, seconds of each timed
+  step, the last step's metrics)."""
+  import time  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  for _ in range(warmup):
+    state, m = compiled(state, batch)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  return state, times, m

@@ -34,7 +34,6 @@ import math
 import os
 
 import jax
-import numpy as np
 from absl import app
 from absl import flags
 from absl import logging

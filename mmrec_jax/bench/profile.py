@@ -26,19 +26,14 @@ import os
 import re
 import statistics
 import tempfile
-import time
 
 import jax
-import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from mmrec_jax import config as config_lib
-from mmrec_jax import sharding as shard_lib
-from mmrec_jax import train_state as ts_lib
-from mmrec_jax.bench import random_batch
+from mmrec_jax import bench
 
 FLAGS = flags.FLAGS
 
@@ -113,24 +108,9 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   c = FLAGS.config
-  c.train.batch_size, c.train.seq_len = FLAGS.batch, FLAGS.seq_len
-  c.model.max_seq_len = max(c.model.max_seq_len, FLAGS.seq_len)
-  config_lib.validate(c)
-  s = ts_lib.setup(c)
-  state = ts_lib.create(s)
-  batch = shard_lib.put_batch(random_batch(np.random.default_rng(0), FLAGS.batch, FLAGS.seq_len,
-                                           c.model.vocab_size), s.mesh)
-  compiled = s.train_step.lower(state, batch).compile()
+  _, state, batch, compiled, _ = bench.compiled_train_step(c, FLAGS.batch, FLAGS.seq_len)
   sources = op_sources(compiled.as_text())
-  for _ in range(2):  # warm-up
-    state, m = compiled(state, batch)
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(FLAGS.steps):
-    t = time.perf_counter()
-    state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
+  state, times, _ = bench.time_steps(compiled, state, batch, FLAGS.steps, warmup=2)
   with tempfile.TemporaryDirectory() as d:
     jax.profiler.start_trace(d)
     for _ in range(FLAGS.steps):
@@ -147,7 +127,7 @@ def main(argv):
   print(f"model {c.model.name}, batch {FLAGS.batch} x {FLAGS.seq_len}, "
         f"{jax.devices()[0].device_kind}: step {statistics.median(times) * 1e3:.1f} ms "
         f"(median of {FLAGS.steps}, untraced); operations' time {total:.1f} ms per step")
-  print(f"\n| category | ms / step | share |\n| --- | --- | --- |")
+  print("\n| category | ms / step | share |\n| --- | --- | --- |")
   for cat in CATEGORIES:
     print(f"| {cat} | {by_cat[cat]:.1f} | {100 * by_cat[cat] / max(total, 1e-9):.1f}% |")
   print(f"\ntop {FLAGS.top} operations (ms / step, source, XLA operation):")

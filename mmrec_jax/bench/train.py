@@ -5,20 +5,15 @@ median step time of --steps timed steps, tokens/s and MFU against a matmul peak
 measured in the same run (and against the vendor peak on GPU/TPU).
 """
 import statistics
-import time
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from mmrec_jax import config as config_lib
-from mmrec_jax.bench import random_batch
+from mmrec_jax import bench
 from mmrec_jax import metrics as metrics_lib
-from mmrec_jax import sharding as shard_lib
 from mmrec_jax import train_state as ts_lib
 
 config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file")
@@ -33,25 +28,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   c = FLAGS.config
-  c.train.batch_size, c.train.seq_len = FLAGS.batch, FLAGS.seq_len
-  c.model.max_seq_len = max(c.model.max_seq_len, FLAGS.seq_len)
-  config_lib.validate(c)
-  s = ts_lib.setup(c)
-  state = ts_lib.create(s)
-  rng = np.random.default_rng(0)
-  batch = shard_lib.put_batch(random_batch(rng, FLAGS.batch, FLAGS.seq_len, c.model.vocab_size),
-                              s.mesh)
-  t0 = time.perf_counter()
-  compiled = s.train_step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  state, m = compiled(state, batch)  # warm-up
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(FLAGS.steps):
-    t = time.perf_counter()
-    state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
+  s, state, batch, compiled, compile_s = bench.compiled_train_step(c, FLAGS.batch, FLAGS.seq_len)
+  state, times, m = bench.time_steps(compiled, state, batch, FLAGS.steps)
   step_s = statistics.median(times)
   tokens_s = FLAGS.batch * FLAGS.seq_len / step_s
   flops_tok = ts_lib.flops_per_token_train(s, FLAGS.seq_len)

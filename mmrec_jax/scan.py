@@ -27,8 +27,13 @@ def resolve_impl(impl: str, seq_len: int | None = None) -> str:
     raise ValueError(f"unknown scan implementation {impl!r}; use one of {IMPLS}")
   if impl != "auto":
     return impl
-  if jax.default_backend() == "cpu":
+  backend = jax.default_backend()
+  if backend == "cpu":
     return "sequential"
+  if backend == "gpu":
+    # H200, base width, T = 1K..32K: 1.4-5.7x faster than chunked forward, 2.2-3.1x
+    # forward+backward; small's bf16 train step 6% faster (README, GPU figures)
+    return "associative"
   return "chunked" if (seq_len or 0) > 256 else "associative"
 
 

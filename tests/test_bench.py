@@ -37,6 +37,22 @@ def test_profile_attributes_operations_to_their_source():
   assert ops[0] == (1.5, "jvp(MMRec)/closed_call/blocks/ffn/up/dot_general", "dot")
 
 
+def test_profile_counts_only_device_timelines_on_an_accelerator():
+  src = profile.op_sources(HLO)
+  events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}},
+            # host spans enclose the device's work: not operations
+            {"ph": "X", "pid": 1, "name": "PjRtCApiLoadedExecutable::Execute", "dur": 9000},
+            {"ph": "X", "pid": 1, "name": "dot.3", "dur": 9000},
+            # a kernel is named by CUDA, and carries the HLO operation it ran
+            {"ph": "X", "pid": 7, "name": "sm90_xmma_gemm_bf16", "dur": 4000,
+             "args": {"hlo_op": "dot.3"}},
+            {"ph": "X", "pid": 7, "name": "copy.2", "dur": 2000}]
+  by_cat, ops = profile.summarize(events, src, steps=2)
+  assert by_cat == {"matmul": 2.0, "layout": 1.0}
+  assert ops[0][1].endswith("ffn/up/dot_general")
+
+
 def test_profile_categories():
   c = profile.category
   assert c("ynn_fusion", "jit(train_step)/transpose(jvp(MMRec))/btd,vd->btv/dot_general") == "matmul"

@@ -14,7 +14,10 @@ the operations' time by category, and the --top operations:
 - elementwise: everything else (gates, norms, activations, the MDI decay).
 
 Shares are of the operations' summed time; on a multi-core CPU operations
-overlap, so the sum exceeds the step's wall time (printed beside it).
+overlap, so the sum exceeds the step's wall time (printed beside it). On a GPU
+only the device's timelines count; XLA's command buffers (CUDA graphs) hide the
+kernels inside them, so profile there with
+`XLA_FLAGS=--xla_gpu_enable_command_buffer=` (launch/gpu_bench.sh does).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import statistics
 import tempfile
 
@@ -45,6 +49,8 @@ def define_flags():
   flags.DEFINE_integer("seq_len", 512, "tokens per row")
   flags.DEFINE_integer("steps", 3, "timed, then traced, steps")
   flags.DEFINE_integer("top", 15, "operations listed")
+  flags.DEFINE_string("keep", None, "folder to keep the trace and the compiled HLO in "
+                      "(trace.json.gz, hlo.txt.gz), to read again with other tools")
 
 CATEGORIES = ("matmul", "head & loss", "memory", "recurrence", "layout", "optimizer",
               "elementwise")
@@ -89,14 +95,32 @@ def category(event_name, src):
   return "elementwise"
 
 
+def device_pids(events):
+  """The trace's accelerator processes (`/device:GPU:0`, `/device:TPU:0`, ...), if any.
+
+  On an accelerator the host's threads hold launch and runtime spans that enclose
+  the device's work; only the device's own timelines are operations."""
+  return {e.get("pid") for e in events
+          if e.get("ph") == "M" and e.get("name") == "process_name"
+          and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+
+
 def summarize(events, sources, steps):
-  """(ms per step by category, [(ms per step, source, name)] of the largest ops)."""
+  """(ms per step by category, [(ms per step, source, name)] of the largest ops).
+
+  On a CPU every operation runs on a host thread; where the trace has device
+  processes, only their events count, and a GPU kernel is looked up by the HLO
+  operation it ran (its `hlo_op` argument)."""
+  pids = device_pids(events)
   by_cat = collections.Counter()
   by_op = collections.Counter()
   for e in events:
     name = e.get("name", "")
     if e.get("ph") != "X" or name.startswith(_SKIP) or name.startswith("while"):
       continue   # a while's event spans its body's operations, which are counted
+    if pids and e.get("pid") not in pids:
+      continue
+    name = str(e.get("args", {}).get("hlo_op", name))
     src = sources.get(name, "?")
     dur_ms = e.get("dur", 0) / 1e3 / steps
     by_cat[category(name, src)] += dur_ms
@@ -122,6 +146,11 @@ def main(argv):
       raise SystemExit("error: the profiler wrote no trace; is this jaxlib built with it?")
     with gzip.open(traces[0]) as f:
       events = json.load(f)["traceEvents"]
+    if FLAGS.keep:
+      os.makedirs(FLAGS.keep, exist_ok=True)
+      shutil.copy(traces[0], os.path.join(FLAGS.keep, "trace.json.gz"))
+      with gzip.open(os.path.join(FLAGS.keep, "hlo.txt.gz"), "wt") as f:
+        f.write(compiled.as_text())
   by_cat, ops = summarize(events, sources, FLAGS.steps)
   total = sum(by_cat.values())
   print(f"model {c.model.name}, batch {FLAGS.batch} x {FLAGS.seq_len}, "

@@ -168,14 +168,31 @@ def _masked_softmax(logits, mask, axes):
   return p / jnp.maximum(jnp.sum(p, axis=axes, keepdims=True), 1e-30)
 
 
-def read(mem, q_Hd, cleared):
+def _unit(x_Hd):
+  """x scaled to unit root mean square over its last axis (computed in float32)."""
+  x = x_Hd.astype(jnp.float32)
+  return (x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)).astype(x_Hd.dtype)
+
+
+def _normalise(q_Hd, keys_Hd, scale_H):
+  """With `scale_H` (per-head read temperature), queries and keys at unit RMS and
+  the query times its head's scale: the logits are scale * cos(q, k) * sqrt(hd),
+  whatever the size of the pooled keys; without it, both unchanged."""
+  if scale_H is None:
+    return q_Hd, keys_Hd
+  return _unit(q_Hd) * scale_H.astype(q_Hd.dtype)[:, None], _unit(keys_Hd)
+
+
+def read(mem, q_Hd, cleared, scale_H=None):
   """One token's read (decoding): multi-head attention over the readable slots of
   `mem`, the memory before the token; nothing if `cleared` (its document starts
-  here). Returns [H, hd] float32, zeros from an empty memory."""
+  here). `scale_H`: see `_normalise`. Returns [H, hd] float32, zeros from an
+  empty memory."""
   H, hd = q_Hd.shape
   m_MX, valid_M = readable(mem)
   keys_MHd = m_MX[:, :H * hd].astype(q_Hd.dtype).reshape(-1, H, hd)
   vals_MHd = m_MX[:, H * hd:].astype(q_Hd.dtype).reshape(-1, H, hd)
+  q_Hd, keys_MHd = _normalise(q_Hd, keys_MHd, scale_H)
   logits_HM = jnp.einsum("hd,mhd->hm", q_Hd, keys_MHd,
                          preferred_element_type=jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
   p_HM = _masked_softmax(logits_HM, (valid_M & ~cleared)[None, :], -1)
@@ -183,14 +200,16 @@ def read(mem, q_Hd, cleared):
                     preferred_element_type=jnp.float32)
 
 
-def attend(q_THd, keys_KMHd, values_KMHd, valid_KM, k_T, cleared_T, window):
+def attend(q_THd, keys_KMHd, values_KMHd, valid_KM, k_T, cleared_T, window, scale_H=None):
   """Each token attends to the memory snapshot it may see (multi-head).
 
   Tokens are taken in windows of at most C consecutive positions; a window
   holds at most one chunk end, so its tokens see one of two snapshots.
-  Returns [T, H, hd] float32; an empty memory reads as zeros.
+  `scale_H`: see `_normalise`. Returns [T, H, hd] float32; an empty memory
+  reads as zeros.
   """
   T, H, hd = q_THd.shape
+  q_THd, keys_KMHd = _normalise(q_THd, keys_KMHd, scale_H)
   K1 = keys_KMHd.shape[0]
   pad = (-T) % window
   if pad:

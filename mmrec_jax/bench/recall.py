@@ -58,7 +58,8 @@ from mmrec_jax import train
 from mmrec_jax import workdir as workdir_lib
 from mmrec_jax.errors import UsageError
 
-ARMS = dict(bench.ARMS, mmrec_bigmem=("configs/tiny.py", {"mem_slots": 16}))
+ARMS = dict(bench.ARMS, mmrec_bigmem=("configs/tiny.py", {"mem_slots": 16}),
+            mmrec_qknorm=("configs/tiny.py", {"mem_qk_norm": True}))
 TASKS = ("passkey", "mqar")
 FILLER = ("the grass is green . the sky is blue . the sun is yellow . here we go . "
           "there and back again .").split()

@@ -46,6 +46,9 @@ class MMRecConfig(base.BaseConfig):
   chunk_size: int = 64
   mem_slots: int = 8
   mem_levels: int = 4
+  # The read's logits: False, q.k / sqrt(hd); True, queries and keys at unit RMS
+  # per head times a learned per-head temperature (`read_scale`, init 1).
+  mem_qk_norm: bool = False
   scan_impl: str = "auto"        # auto | associative | sequential | chunked
   scan_chunk: int = 64           # chunk length of the `chunked` scan
   # MDI: the per-channel decays at init span [decay_min, decay_max] (timescales
@@ -221,6 +224,8 @@ class HDSMemory(nn.Module):
     key = dense(D, ("kv", "kv_out"), cfg, "key")
     value = dense(D, ("kv", "kv_out"), cfg, "value")
     out = dense(D, ("kv", "embed"), cfg, "out")
+    scale_H = (self.param("read_scale", logical(nn.initializers.ones, None), (H,),
+                          cfg.params_dtype).astype(jnp.float32) if cfg.mem_qk_norm else None)
     # Learned pooling: a per-token weight in (0, 1); the summary is the weighted mean.
     w_BT = jax.nn.sigmoid(
         dense(1, ("embed", None), cfg, "pool", use_bias=True)(h_BTD.astype(dt))[..., 0]
@@ -234,7 +239,7 @@ class HDSMemory(nn.Module):
 
     if T == 1 and not self.is_initializing():
       return _decode_one(cfg, h_BTD[:, 0], q_BTD[:, 0], w_BT[:, 0], reset_BT[:, 0], state,
-                         summarise_kv, out)
+                         summarise_kv, out, scale_H)
 
     pos_BT, last_reset_BT = jax.vmap(mem_lib.positions)(state.pos, reset_BT)
     start_BT = pos_BT % cfg.chunk_size == 0
@@ -265,8 +270,8 @@ class HDSMemory(nn.Module):
     keys = m_BKMX[..., :D].astype(dt).reshape(B, K1, M, H, D // H)
     vals = m_BKMX[..., D:].astype(dt).reshape(B, K1, M, H, D // H)
     window = min(cfg.chunk_size, T)
-    read_BTHd = jax.vmap(mem_lib.attend, in_axes=(0, 0, 0, 0, 0, 0, None))(
-        q_BTD.reshape(B, T, H, D // H), keys, vals, valid_BKM, k_BT, cleared_BT, window)
+    read_BTHd = jax.vmap(mem_lib.attend, in_axes=(0, 0, 0, 0, 0, 0, None, None))(
+        q_BTD.reshape(B, T, H, D // H), keys, vals, valid_BKM, k_BT, cleared_BT, window, scale_H)
     out_BTD = out(read_BTHd.reshape(B, T, D).astype(dt))
 
     # The state after the last token.
@@ -278,7 +283,7 @@ class HDSMemory(nn.Module):
     return out_BTD, (final, pos_BT[:, -1] + 1, last_acc_BX[:, :D], last_acc_BX[:, D])
 
 
-def _decode_one(cfg, h_BD, q_BD, w_B, reset_B, state, summarise_kv, out):
+def _decode_one(cfg, h_BD, q_BD, w_B, reset_B, state, summarise_kv, out, scale_H):
   """`HDSMemory` for one token (T = 1): the same numbers as the general path,
   without its chunk bookkeeping; a chunk's summary is computed and written
   (`lax.cond`) only at steps where some row ends a chunk, once every C tokens."""
@@ -290,7 +295,8 @@ def _decode_one(cfg, h_BD, q_BD, w_B, reset_B, state, summarise_kv, out):
   acc_BX = (jnp.concatenate([w_B[:, None] * h_BD, w_B[:, None]], axis=-1)
             + jnp.where((pos_B % cfg.chunk_size == 0)[:, None], 0.0, carry_BX))
   # The token reads the memory as it was before it (nothing after a document start).
-  read_BHd = jax.vmap(mem_lib.read)(state.memory, q_BD.reshape(B, H, D // H), reset_B)
+  read_BHd = jax.vmap(mem_lib.read, in_axes=(0, 0, 0, None))(
+      state.memory, q_BD.reshape(B, H, D // H), reset_B, scale_H)
   out_BD = out(read_BHd.reshape(B, D).astype(cfg.compute_dtype))
 
   # A document start empties the memory; a chunk end writes the chunk's summary.

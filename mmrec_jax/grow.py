@@ -18,8 +18,9 @@ given). It dispatches on the logical axis names every parameter carries:
 - `vocab`: new rows are the mean of the old rows of the token's pieces under the
   old tokenizer (`vocab_pieces`), else of all old rows;
 - model facts no axis name carries: the tied head reads the embed axis as an
-  input (the final norm is divided by the copy count), the memory query is scaled
-  so attention logits keep their value when the head size grows, and which
+  input (the final norm is divided by the copy count), the memory query (or, with
+  `mem_qk_norm`, the read's per-head temperature) is scaled so attention logits
+  keep their value when the head size grows, and which
   parameters write into the residual stream (`RESIDUAL_WRITERS`).
 
 Growth that cannot be exact is a one-line ConfigError naming why, unless
@@ -69,6 +70,8 @@ RESIDUAL_WRITERS = ("mix_out/kernel", "ffn/down/kernel", "ffn/down/bias", "moe/w
 TIED_HEAD_NORM = "final_norm/scale"
 # The fused kernel whose slice 0 is the memory query (scaled by 1/sqrt(head growth)).
 QUERY_KERNEL = "blocks/fused/kernel"
+# The per-head read temperature of `mem_qk_norm` (heads tile like the width map's).
+READ_SCALE = "memory/read_scale"
 # Fields that only change how a model runs or trains, never its function.
 RUNTIME_FIELDS = ("name", "max_seq_len", "dropout", "dtype", "param_dtype", "scan_layers",
                   "remat", "scan_impl", "scan_chunk", "decay_min", "decay_max",
@@ -141,6 +144,9 @@ def inexact_reasons(small, big):
       if getattr(small, f) != getattr(big, f):
         r.append(f"memory geometry model.{f} changes ({getattr(small, f)} -> "
                  f"{getattr(big, f)}); align it in the configs")
+    if small.mem_qk_norm != big.mem_qk_norm:
+      r.append(f"model.mem_qk_norm switched {'off' if small.mem_qk_norm else 'on'} "
+               "(another read function)")
     if small.use_dpg != big.use_dpg:
       r.append(f"model.use_dpg switched {'off' if small.use_dpg else 'on'} (no identity form)")
     if small.use_moe and not big.use_moe:
@@ -285,6 +291,8 @@ def _grow_tree(small_params, small, big, key, noise, vocab_pieces):
       x = x / count.astype(np.float32)
     if path == QUERY_KERNEL and r > 1 and getattr(big, "mem_levels", 1):
       x = x.at[..., 0, :].multiply(1.0 / math.sqrt(r))
+    if path.endswith(READ_SCALE) and r > 1:   # unit-RMS q, k: the same fix, on the scale
+      x = x / math.sqrt(r)
     if x.shape != want.shape:
       raise ConfigError(f"growing {path}: got shape {x.shape}, the big model has "
                         f"{want.shape}: no growth rule for this change; align the configs")

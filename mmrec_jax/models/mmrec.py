@@ -224,7 +224,7 @@ class HDSMemory(nn.Module):
     key = dense(D, ("kv", "kv_out"), cfg, "key")
     value = dense(D, ("kv", "kv_out"), cfg, "value")
     out = dense(D, ("kv", "embed"), cfg, "out")
-    scale_H = (self.param("read_scale", logical(nn.initializers.ones, None), (H,),
+    scale_H = (self.param("read_scale", logical(nn.initializers.ones, "heads"), (H,),
                           cfg.params_dtype).astype(jnp.float32) if cfg.mem_qk_norm else None)
     # Learned pooling: a per-token weight in (0, 1); the summary is the weighted mean.
     w_BT = jax.nn.sigmoid(

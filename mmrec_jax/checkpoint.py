@@ -68,14 +68,18 @@ def make_manager(workdir, keep=2, async_save=True, read_only=False):
   return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=handlers, options=options)
 
 
-def save(mngr, step, params, opt_state, rng, data_state, val_loss=None, extra=None):
+def save(mngr, step, params, opt_state, rng, data_state, val_loss=None, extra=None,
+         carry=None):
   """Starts an (async) save of a full training state; returns False if it exists.
 
   `extra`: JSON-serialisable loop state stored in `meta` (e.g. early-stopping counters).
+  `carry`: the model state carried between steps (`train.carry_state`), if any.
   """
   if step in mngr.all_steps():
     return False
   train = {"step": np.asarray(step, np.int32), "rng": rng}
+  if carry is not None:
+    train["carry"] = carry
   meta = {"step": int(step), "val_loss": None if val_loss is None else float(val_loss),
           "time": time.time(), **(extra or {})}
   args = ocp.args.Composite(
@@ -86,16 +90,21 @@ def save(mngr, step, params, opt_state, rng, data_state, val_loss=None, extra=No
   return mngr.save(step, args=args, metrics=metrics, force=True)
 
 
-def restore(mngr, step, abstract_params, abstract_opt_state, abstract_rng):
-  """Restores a full training state onto the shardings of the abstract trees."""
+def restore(mngr, step, abstract_params, abstract_opt_state, abstract_rng, abstract_carry=None):
+  """Restores a full training state onto the shardings of the abstract trees:
+  (params, opt_state, rng, data_state, meta), and the carried model state last
+  when `abstract_carry` is given."""
   train = {"step": jax.ShapeDtypeStruct((), np.int32, sharding=abstract_rng.sharding),
            "rng": abstract_rng}
+  if abstract_carry is not None:
+    train["carry"] = abstract_carry
   out = mngr.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(abstract_params),
       opt_state=ocp.args.StandardRestore(abstract_opt_state),
       train=ocp.args.StandardRestore(train), data=ocp.args.JsonRestore(),
       meta=ocp.args.JsonRestore()))
-  return out.params, out.opt_state, out.train["rng"], out.data, out.meta
+  res = (out.params, out.opt_state, out.train["rng"], out.data, out.meta)
+  return res + (out.train["carry"],) if abstract_carry is not None else res
 
 
 _TS_STATUS = re.compile(r"\b(DATA_LOSS|OUT_OF_RANGE|FAILED_PRECONDITION|NOT_FOUND|INVALID_ARGUMENT"
@@ -141,10 +150,12 @@ def _quiet_orbax():
       l.setLevel(lv)
 
 
-def restore_newest_good(mngr, abstract_params, abstract_opt_state, abstract_rng):
+def restore_newest_good(mngr, abstract_params, abstract_opt_state, abstract_rng,
+                        abstract_carry=None):
   """Resume: the newest checkpoint that restores, skipping (not deleting) bad ones.
 
-  Returns `(params, opt_state, rng, data_state, meta, step, skipped)`, with
+  Returns `(params, opt_state, rng, data_state, meta, step, skipped)` (with the
+  carried model state after `meta` when `abstract_carry` is given), with
   `skipped` a list of `(step, one-line reason)` for the newer steps that did not
   restore (truncated, bit-flipped, an item missing); None if there is no
   checkpoint at all. Raises TrainError naming every step tried if none restores.
@@ -156,12 +167,12 @@ def restore_newest_good(mngr, abstract_params, abstract_opt_state, abstract_rng)
   for step in steps:
     try:
       with _quiet_orbax():
-        params, opt_state, rng, data_state, meta = restore(
-            mngr, step, abstract_params, abstract_opt_state, abstract_rng)
+        res = restore(mngr, step, abstract_params, abstract_opt_state, abstract_rng,
+                      abstract_carry)
     except Exception as e:  # pylint: disable=broad-except  (any failure: unreadable)
       skipped.append((int(step), short_reason(e)))
       continue
-    return params, opt_state, rng, data_state, meta, int(step), skipped
+    return res + (int(step), skipped)
   tried = "; ".join(f"step {s}: {r}" for s, r in skipped)
   raise TrainError(f"no checkpoint in {mngr.directory} restores (tried {tried}); they are "
                    "left in place: move the checkpoints folder away to start afresh")

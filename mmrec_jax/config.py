@@ -49,6 +49,12 @@ def make_config(name, kind="mmrec", **model_fields):
   t.b2 = 0.95
   t.grad_clip = 1.0
   t.grad_accum = 1
+  # Carry each row's recurrent state from one step to the next (truncated
+  # backpropagation through time): row j of the batch reads consecutive windows of
+  # its own stretch of the training stream, and a step starts from the state the
+  # previous one ended with (no gradient through it). Lets training see
+  # dependencies longer than train.seq_len. MM-Rec only (its state has a fixed size).
+  t.carry_state = False
   t.eval_every = 200
   t.eval_batches = 0            # validation batches per evaluation (0: the whole split)
   t.early_stopping_patience = 0  # evaluations without improvement; 0 disables
@@ -105,6 +111,12 @@ def validate(c):
          f"train.seq_len={t.seq_len} exceeds model.max_seq_len={c.model.max_seq_len}")
   _check(t.batch_size % t.grad_accum == 0,
          f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+  if t.get("carry_state", False):
+    _check(c.model.get("kind", "mmrec") == "mmrec",
+           f"train.carry_state needs a fixed-size recurrent state (model.kind=mmrec), not "
+           f"model.kind={c.model.kind!r}; turn it off for this model")
+    _check(t.grad_accum == 1, f"train.carry_state splits no batch into microbatches: set "
+           f"train.grad_accum=1 (got {t.grad_accum}) and lower train.batch_size instead")
   _check(c.checkpoint.every > 0, "checkpoint.every must be a positive integer")
   _check(c.checkpoint.keep > 0, "checkpoint.keep must be a positive integer")
   for ax in ("data", "fsdp", "tensor"):

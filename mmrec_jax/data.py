@@ -257,7 +257,36 @@ class _BatchFn:
     self.eod_id = eod_id
 
   def __call__(self, windows):
+    if isinstance(windows[0], tuple):   # (window, stream starts) from `_Streams`
+      batch = make_batch([w for w, _ in windows], self.eod_id)
+      batch["reset"][:, 0] |= np.array([first for _, first in windows])
+      return batch
     return make_batch(windows, self.eod_id)
+
+
+class _Streams(grain.MapDataset):
+  """`train.carry_state`: the windows cut into `rows` contiguous streams, one per
+  global batch row. Element g*rows + j is (window j*n + g mod n, whether it starts
+  stream j), n = len(parent) // rows: row j of step g continues row j of step g-1,
+  and a row that wraps round to its stream's start begins with a reset."""
+
+  def __init__(self, parent, rows):
+    super().__init__(parent)
+    self.rows = rows
+    self.n = len(parent) // rows
+    if self.n < 1:
+      raise DataError(f"train.carry_state: {len(parent)} training windows cannot make "
+                      f"{rows} streams (one per batch row); use more data or a smaller "
+                      "train.batch_size")
+
+  def __len__(self):
+    return self.n * self.rows
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    g, j = divmod(index % len(self), self.rows)
+    return self._parent[j * self.n + g], g == 0
 
 
 def eval_batches(tokens, seq_len, batch_size, *, eod_id, pad_id, bytes_per_token,
@@ -324,6 +353,7 @@ class Datasets:
   process_count: int = 1
   num_threads: int = 0
   prefetch: int = 8
+  carry_state: bool = False
 
   @property
   def num_train_windows(self):
@@ -332,7 +362,10 @@ class Datasets:
   def train_dataset(self):
     """The infinite `grain.MapDataset` of this process's train batches."""
     ds = grain.MapDataset.source(Windows(self.train_tokens, self.seq_len))
-    ds = ds.shuffle(seed=self.seed).repeat()
+    if self.carry_state:
+      ds = _Streams(ds, self.batch_size * self.process_count).repeat()
+    else:
+      ds = ds.shuffle(seed=self.seed).repeat()
     if self.process_count > 1:
       ds = _ProcessRows(ds, self.process_index, self.process_count, self.batch_size)
     return ds.batch(self.batch_size, drop_remainder=True, batch_fn=_BatchFn(self.eod_id))
@@ -376,7 +409,8 @@ def build(config, tok, process_index=0, process_count=1):
       batch_size=t.batch_size // process_count, seed=t.seed,
       eod_id=tok.token_to_id(tokenizer_lib.EOD), pad_id=tok.token_to_id(tokenizer_lib.PAD),
       bytes_per_token=tokenizer_lib.bytes_per_token(tok), process_index=process_index,
-      process_count=process_count, num_threads=d.num_workers, prefetch=d.prefetch)
+      process_count=process_count, num_threads=d.num_workers, prefetch=d.prefetch,
+      carry_state=bool(t.get("carry_state", False)))
 
 
 def encode_eval_file(path, tok, seq_len, text_field="text", *, batch_size=8,

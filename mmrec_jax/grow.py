@@ -466,7 +466,8 @@ def grow_workdir(from_workdir, config, workdir, noise=0.05, allow_inexact=False,
   ckpt_lib.save(mngr, 0, state.params, state.opt_state, state.rng, ds.train_iter().get_state(),
                 extra={"best_val": None, "bad_evals": 0, "best_step": None,
                        "first_loss": None, "grown_from": os.path.abspath(from_workdir),
-                       "grown_from_step": int(step), "grow_logit_diff": diff})
+                       "grown_from_step": int(step), "grow_logit_diff": diff},
+                carry=state.carry)
   mngr.wait_until_finished()
   mngr.close()
   if os.path.isdir(workdir):

@@ -199,6 +199,9 @@ class Loop:
         config.train.steps = int(math.ceil(t.epochs * self.steps_per_epoch))
     self.total_steps = config.train.steps
     self.s = ts_lib.setup(config, devices)
+    self.saved_carry_state = (  # of the run being resumed, before its config is rewritten
+        bool(ckpt_lib.load_run_config(workdir).train.get("carry_state", False))
+        if os.path.exists(os.path.join(workdir, ckpt_lib.CONFIG_FILE)) else None)
     ckpt_lib.save_run_config(workdir, config)
     self.it = self.ds.train_iter()
     self.val_batches = self.ds.val_batches(max_batches=t.eval_batches or None)
@@ -235,9 +238,14 @@ class Loop:
     if self.mngr.latest_step() is None:
       self.state = ts_lib.create(self.s, init_from)
       return
+    saved = self.saved_carry_state
+    if saved is not None and saved != bool(self.config.train.carry_state):
+      raise ConfigError(
+          f"workdir {self.workdir} holds a run trained with train.carry_state={bool(saved)}; "
+          f"resume it with the same setting, or pass a new --workdir")
     a = self.s.abstract_state
-    params, opt_state, rng, data_state, meta, step, skipped = ckpt_lib.restore_newest_good(
-        self.mngr, a.params, a.opt_state, a.rng)
+    params, opt_state, rng, data_state, meta, *carry, step, skipped = (
+        ckpt_lib.restore_newest_good(self.mngr, a.params, a.opt_state, a.rng, a.carry))
     for bad, why in skipped:
       # Out of Orbax's way (its step would be saved again) but kept for inspection.
       moved = os.path.join(ckpt_lib.checkpoint_dir(self.workdir), f"{bad}.unreadable")
@@ -252,7 +260,7 @@ class Loop:
     self.start = int(meta["step"])
     self.state = ts_lib.TrainState(
         step=jax.device_put(np.int32(self.start), self.s.state_sharding.step),
-        params=params, opt_state=opt_state, rng=rng)
+        params=params, opt_state=opt_state, rng=rng, carry=carry[0] if carry else None)
     self.best_val = math.inf if meta.get("best_val") is None else float(meta["best_val"])
     self.bad_evals = int(meta.get("bad_evals", 0))
     self.best_step = meta.get("best_step")
@@ -308,7 +316,7 @@ class Loop:
              "bad_evals": self.bad_evals, "best_step": self.best_step,
              "first_loss": self.first_loss}
     ckpt_lib.save(self.mngr, step, self.state.params, self.state.opt_state, self.state.rng,
-                  self.data_state, self.val_loss, extra)
+                  self.data_state, self.val_loss, extra, carry=self.state.carry)
     self.last_saved = step
 
   # -- the loop

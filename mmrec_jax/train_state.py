@@ -31,6 +31,7 @@ class TrainState(struct.PyTreeNode):
   params: Any
   opt_state: Any
   rng: jax.Array           # uint32 key data; the step's key is fold_in(rng, step)
+  carry: Any = None        # train.carry_state: the model state each batch row ended with
 
 
 @dataclasses.dataclass
@@ -63,28 +64,34 @@ def make_train_step(model, tx, schedule, grad_accum, mesh):
   gradient accumulation equal to the full-batch update, a fresh dropout key per step."""
   aux_weights = model.aux_weights()
 
-  def loss_fn(params, mb, key, denom):
-    logits_BTV, _, aux = model.apply(
-        {"params": params}, mb["inputs"], state=None, reset=mb["reset"],
+  def loss_fn(params, mb, key, denom, carry=None):
+    logits_BTV, new_carry, aux = model.apply(
+        {"params": params}, mb["inputs"], state=carry, reset=mb["reset"],
         deterministic=False, rngs={"dropout": key})
     ce_sum, _, _ = loss_lib.cross_entropy(logits_BTV, mb["targets"], mb["mask"])
     loss = ce_sum / denom
     for k, w in aux_weights.items():
       loss = loss + w * aux[k] / grad_accum
-    return loss, (ce_sum, {k: aux[k] for k in aux_weights})
+    return loss, (ce_sum, {k: aux[k] for k in aux_weights}, new_carry)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     denom = jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
+    carry = state.carry
     if grad_accum == 1:
-      (_, (ce_sum, aux)), grads = grad_fn(state.params, batch, jax.random.fold_in(key, 0), denom)
-    else:
+      # a carried state is an input: no gradient flows into the previous step
+      (_, (ce_sum, aux, carry)), grads = grad_fn(
+          state.params, batch, jax.random.fold_in(key, 0), denom,
+          None if carry is None else jax.lax.stop_gradient(carry))
+      carry = None if state.carry is None else jax.tree.map(
+          lambda n, o: n.astype(o.dtype), carry, state.carry)
+    else:   # (train.carry_state needs grad_accum 1: config.validate)
       def body(carry, xs):
         g_acc, ce_acc, aux_acc = carry
         mb, i = xs
-        (_, (ce, aux)), g = grad_fn(state.params, mb, jax.random.fold_in(key, i), denom)
+        (_, (ce, aux, _)), g = grad_fn(state.params, mb, jax.random.fold_in(key, i), denom)
         g_acc = jax.tree.map(jnp.add, g_acc, g)
         aux_acc = {k: aux_acc[k] + aux[k] / grad_accum for k in aux_acc}
         return (g_acc, ce_acc + ce, aux_acc), None
@@ -100,7 +107,8 @@ def make_train_step(model, tx, schedule, grad_accum, mesh):
     out = {"loss": loss, "ce": ce, "grad_norm": optax.tree.norm(grads),
            "lr": schedule(state.step), "tokens": denom}
     out.update({f"aux_{k}": v for k, v in aux.items()})
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         carry=carry), out
 
   return train_step
 
@@ -127,11 +135,17 @@ def setup(config, devices=None):
   opt_shapes = jax.eval_shape(tx.init, abstract_params)
   opt_sh = shard_lib.mirror_shardings(opt_shapes, param_sh, abstract_params, mesh)
   repl = shard_lib.replicated(mesh)
-  state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl)
+  carry_shapes = carry_sh = None
+  if t.get("carry_state", False):   # [L, B, ...] leaves: rows sharded like the batch
+    carry_shapes = jax.eval_shape(lambda: model.init_state(t.batch_size))
+    carry_sh = jax.tree.map(lambda a: jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, shard_lib.BATCH_AXES)), carry_shapes)
+  state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl, carry=carry_sh)
   key_data = jax.random.key_data(train_key)
   abstract = TrainState(
       step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-      opt_state=opt_shapes, rng=jax.ShapeDtypeStruct(key_data.shape, key_data.dtype))
+      opt_state=opt_shapes, rng=jax.ShapeDtypeStruct(key_data.shape, key_data.dtype),
+      carry=carry_shapes)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sh)
   batch_sh = {k: shard_lib.batch_sharding(mesh) for k in loss_lib.BATCH_KEYS}
@@ -169,7 +183,16 @@ def create(s: Setup, init_from=None) -> TrainState:
   opt_state = jax.jit(s.tx.init, out_shardings=s.state_sharding.opt_state)(params)
   repl = s.state_sharding.step
   return TrainState(step=jax.device_put(jnp.int32(0), repl), params=params, opt_state=opt_state,
-                    rng=jax.device_put(jax.random.key_data(s.train_key), repl))
+                    rng=jax.device_put(jax.random.key_data(s.train_key), repl),
+                    carry=initial_carry(s))
+
+
+def initial_carry(s: Setup):
+  """The carried model state at a stream's start (None without train.carry_state)."""
+  if s.abstract_state.carry is None:
+    return None
+  batch = jax.tree.leaves(s.abstract_state.carry)[0].shape[1]
+  return jax.jit(lambda: s.model.init_state(batch), out_shardings=s.state_sharding.carry)()
 
 
 def flops_per_token_train(s: Setup, seq_len):

@@ -65,23 +65,31 @@ FILLER = ("the grass is green . the sky is blue . the sun is yellow . here we go
           "there and back again .").split()
 N_WORDS = 64   # MQAR: distinct keys, and distinct values
 
-flags.DEFINE_list("tasks", list(TASKS), "Tasks to run: passkey, mqar.")
-flags.DEFINE_list("arms", ["mmrec", "mmrec_nomem", "transformer"],
-                  f"Arms to train ({', '.join(ARMS)}).")
-flags.DEFINE_integer("steps", 1000, "Training steps per arm (one stream of all --tasks).")
-flags.DEFINE_integer("seq_len", 256, "Training length (tokens per sequence).")
-flags.DEFINE_integer("batch", 8, "Batch size.")
-flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
-flags.DEFINE_integer("seed", 0, "Seed of the data, the initialisation and the data order.")
-flags.DEFINE_integer("key_digits", 5, "Passkey digits.")
-flags.DEFINE_list("distances", ["64", "256", "1024", "4096"],
-                  "Passkey: filler tokens between the key and the question, evaluated.")
-flags.DEFINE_integer("train_pairs", 48, "MQAR: most key-value pairs in a training sequence.")
-flags.DEFINE_list("pairs", ["8", "16", "32", "48"], "MQAR: numbers of pairs evaluated.")
-flags.DEFINE_integer("examples", 64, "Fresh evaluation examples per distance / number of pairs.")
-flags.DEFINE_string("out", "runs/recall", "Output folder (generated data, one workdir per run).")
-flags.DEFINE_bool("json", False, "Print the results as one JSON object on the last line.")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command's flags (defined when it runs, so importing this module defines none)."""
+  flags.DEFINE_list("tasks", list(TASKS), "Tasks to run: passkey, mqar.")
+  flags.DEFINE_list("arms", ["mmrec", "mmrec_nomem", "transformer"],
+                    f"Arms to train ({', '.join(ARMS)}).")
+  flags.DEFINE_integer("steps", 1000, "Training steps per arm (one stream of all --tasks).")
+  flags.DEFINE_integer("seq_len", 256, "Training length (tokens per sequence).")
+  flags.DEFINE_integer("batch", 8, "Batch size.")
+  flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
+  flags.DEFINE_integer("seed", 0, "Seed of the data, the initialisation and the data order.")
+  flags.DEFINE_integer("key_digits", 5, "Passkey digits.")
+  flags.DEFINE_list("distances", ["64", "256", "1024", "4096"],
+                    "Passkey: filler tokens between the key and the question, evaluated.")
+  flags.DEFINE_integer("train_pairs", 48, "MQAR: most key-value pairs in a training sequence.")
+  flags.DEFINE_list("pairs", ["8", "16", "32", "48"], "MQAR: numbers of pairs evaluated.")
+  flags.DEFINE_integer("examples", 64, "Fresh evaluation examples per distance / number of pairs.")
+  flags.DEFINE_string("out", "runs/recall", "Output folder (generated data, one workdir per run).")
+  flags.DEFINE_integer("train_span", 0, "Passkey: longest training document in tokens (0: "
+                       "--seq_len); longer than --seq_len needs --carry_state to be learnable.")
+  flags.DEFINE_bool("carry_state", False, "Train the MM-Rec arms with train.carry_state (each "
+                    "row's state carried across windows; the Transformer arm trains without).")
+  flags.DEFINE_bool("json", False, "Print the results as one JSON object on the last line.")
 
 
 # ------------------------------------------------------------------ the tasks
@@ -184,6 +192,7 @@ def arm_config(arm, stream, tok, tok_path, data_dir):
   t.log_every = max(1, FLAGS.steps // 10)
   t.samples = 0
   c.checkpoint.every = FLAGS.steps
+  t.carry_state = FLAGS.carry_state and c.model.kind == "mmrec"
   return config_lib.validate(c)
 
 
@@ -311,14 +320,16 @@ def main(argv):
   rng_eval = {t: np.random.default_rng([FLAGS.seed, 1000 + i]) for i, t in enumerate(TASKS)}
   # One training stream: documents of the chosen tasks, interleaved at random.
   stream = "+".join(tasks)
+  span = FLAGS.train_span or FLAGS.seq_len
   tag = (f"{stream} seed={FLAGS.seed} seq_len={FLAGS.seq_len} tokens={n_train} "
-         f"key_digits={FLAGS.key_digits} train_pairs={FLAGS.train_pairs}")
+         f"key_digits={FLAGS.key_digits} train_pairs={FLAGS.train_pairs} span={span}")
   tag_path = os.path.join(data_dir, f"{stream}.tag")
   if not os.path.isfile(tag_path) or open(tag_path).read() != tag:
     rng = np.random.default_rng([FLAGS.seed, len(tasks)])
     for split, n in (("train", int(n_train * 1.1)), ("val", 8 * FLAGS.batch * FLAGS.seq_len)):
       docs = [d for task in tasks for d in train_docs(
-          task, rng, n // len(tasks), FLAGS.seq_len, FLAGS.key_digits, FLAGS.train_pairs)]
+          task, rng, n // len(tasks), span if task == "passkey" else FLAGS.seq_len,
+          FLAGS.key_digits, FLAGS.train_pairs)]
       write_docs(os.path.join(data_dir, f"{stream}_{split}.txt"),
                  [docs[i] for i in rng.permutation(len(docs))])
     workdir_lib.atomic_write(tag_path, tag)
@@ -385,4 +396,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

@@ -16,12 +16,16 @@ from mmrec_jax import bench
 from mmrec_jax import metrics as metrics_lib
 from mmrec_jax import train_state as ts_lib
 
-config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file")
-flags.DEFINE_integer("batch", 4, "global batch size")
-flags.DEFINE_integer("seq_len", 512, "tokens per row")
-flags.DEFINE_integer("steps", 5, "timed steps (median reported)")
-flags.DEFINE_integer("peak_reps", 31, "timed repetitions per matmul size of the peak")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command's flags (defined when it runs, so importing this module defines none)."""
+  config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file")
+  flags.DEFINE_integer("batch", 4, "global batch size")
+  flags.DEFINE_integer("seq_len", 512, "tokens per row")
+  flags.DEFINE_integer("steps", 5, "timed steps (median reported)")
+  flags.DEFINE_integer("peak_reps", 31, "timed repetitions per matmul size of the peak")
 
 
 def main(argv):
@@ -61,4 +65,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -85,8 +85,9 @@ def define_flags():
   flags.DEFINE_list("pairs", ["8", "16", "32", "48"], "MQAR: numbers of pairs evaluated.")
   flags.DEFINE_integer("examples", 64, "Fresh evaluation examples per distance / number of pairs.")
   flags.DEFINE_string("out", "runs/recall", "Output folder (generated data, one workdir per run).")
-  flags.DEFINE_integer("train_span", 0, "Passkey: longest training document in tokens (0: "
-                       "--seq_len); longer than --seq_len needs --carry_state to be learnable.")
+  flags.DEFINE_integer("train_span", 0, "Passkey: every other training document is up to "
+                       "this many tokens (0: all within --seq_len); those longer than "
+                       "--seq_len need --carry_state to be learnable.")
   flags.DEFINE_bool("carry_state", False, "Train the MM-Rec arms with train.carry_state (each "
                     "row's state carried across windows; the Transformer arm trains without).")
   flags.DEFINE_bool("json", False, "Print the results as one JSON object on the last line.")
@@ -131,14 +132,17 @@ def mqar_doc(rng, n_pairs, keys, values):
   return " ".join(words)
 
 
-def train_docs(task, rng, n_tokens, seq_len, key_digits=5, train_pairs=48):
-  """Training documents of about `n_tokens` tokens, each shorter than `seq_len`."""
+def train_docs(task, rng, n_tokens, seq_len, key_digits=5, train_pairs=48, span=None):
+  """Training documents of about `n_tokens` tokens, each shorter than `seq_len`; with
+  a passkey `span` > `seq_len`, every other document is up to `span` tokens long
+  (the rest stay within `seq_len`, where one window holds key and question)."""
   docs, total = [], 0
   keys, values = word_lists()
   while total < n_tokens:
     if task == "passkey":
       overhead = 24 + 2 * key_digits
-      d = passkey_doc(rng, int(rng.integers(0, max(1, seq_len - overhead))), key_digits)
+      longest = span if span and span > seq_len and len(docs) % 2 else seq_len
+      d = passkey_doc(rng, int(rng.integers(0, max(1, longest - overhead))), key_digits)
     else:
       hi = min(train_pairs, (seq_len - 4) // 4)
       d = mqar_doc(rng, int(rng.integers(2, hi + 1)), keys, values)
@@ -322,14 +326,14 @@ def main(argv):
   stream = "+".join(tasks)
   span = FLAGS.train_span or FLAGS.seq_len
   tag = (f"{stream} seed={FLAGS.seed} seq_len={FLAGS.seq_len} tokens={n_train} "
-         f"key_digits={FLAGS.key_digits} train_pairs={FLAGS.train_pairs} span={span}")
+         f"key_digits={FLAGS.key_digits} train_pairs={FLAGS.train_pairs} span={span} mix=half")
   tag_path = os.path.join(data_dir, f"{stream}.tag")
   if not os.path.isfile(tag_path) or open(tag_path).read() != tag:
     rng = np.random.default_rng([FLAGS.seed, len(tasks)])
     for split, n in (("train", int(n_train * 1.1)), ("val", 8 * FLAGS.batch * FLAGS.seq_len)):
       docs = [d for task in tasks for d in train_docs(
-          task, rng, n // len(tasks), span if task == "passkey" else FLAGS.seq_len,
-          FLAGS.key_digits, FLAGS.train_pairs)]
+          task, rng, n // len(tasks), FLAGS.seq_len, FLAGS.key_digits, FLAGS.train_pairs,
+          span)]
       write_docs(os.path.join(data_dir, f"{stream}_{split}.txt"),
                  [docs[i] for i in rng.permutation(len(docs))])
     workdir_lib.atomic_write(tag_path, tag)

@@ -67,3 +67,13 @@ def time_steps(compiled, state, batch, steps, warmup=1):
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   return state, times, m
+
+
+def define_step_flags(steps, steps_help):
+  """The flags of the commands that time train steps: --config, --batch, --seq_len, --steps."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file")
+  flags.DEFINE_integer("batch", 4, "global batch size")
+  flags.DEFINE_integer("seq_len", 512, "tokens per row")
+  flags.DEFINE_integer("steps", steps, steps_help)

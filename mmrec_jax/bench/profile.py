@@ -35,7 +35,6 @@ import jax
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from mmrec_jax import bench
 
@@ -44,10 +43,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """The command's flags (defined when it runs, so importing this module defines none)."""
-  config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file")
-  flags.DEFINE_integer("batch", 4, "global batch size")
-  flags.DEFINE_integer("seq_len", 512, "tokens per row")
-  flags.DEFINE_integer("steps", 3, "timed, then traced, steps")
+  bench.define_step_flags(3, "timed, then traced, steps")
   flags.DEFINE_integer("top", 15, "operations listed")
   flags.DEFINE_string("keep", None, "folder to keep the trace and the compiled HLO in "
                       "(trace.json.gz, hlo.txt.gz), to read again with other tools")

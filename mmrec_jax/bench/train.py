@@ -10,7 +10,6 @@ import jax.numpy as jnp
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from mmrec_jax import bench
 from mmrec_jax import metrics as metrics_lib
@@ -21,10 +20,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """The command's flags (defined when it runs, so importing this module defines none)."""
-  config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file")
-  flags.DEFINE_integer("batch", 4, "global batch size")
-  flags.DEFINE_integer("seq_len", 512, "tokens per row")
-  flags.DEFINE_integer("steps", 5, "timed steps (median reported)")
+  bench.define_step_flags(5, "timed steps (median reported)")
   flags.DEFINE_integer("peak_reps", 31, "timed repetitions per matmul size of the peak")
 
 

@@ -147,6 +147,8 @@ def inexact_reasons(small, big):
     if small.mem_qk_norm != big.mem_qk_norm:
       r.append(f"model.mem_qk_norm switched {'off' if small.mem_qk_norm else 'on'} "
                "(another read function)")
+    if small.mem_pool != big.mem_pool:
+      r.append(f"model.mem_pool changes ({small.mem_pool} -> {big.mem_pool}; another pooling)")
     if small.use_dpg != big.use_dpg:
       r.append(f"model.use_dpg switched {'off' if small.use_dpg else 'on'} (no identity form)")
     if small.use_moe and not big.use_moe:

@@ -28,6 +28,7 @@ def test_every_size_has_a_config_with_all_sections():
 @pytest.mark.parametrize("field,value,match", [
     ("model.n_heads", 3, "not divisible by model.n_heads"),
     ("model.scan_impl", "fast", "scan_impl='fast' is unknown"),
+    ("model.mem_pool", "max", "mem_pool=.max. is unknown"),
     ("model.d_model", -8, "model.d_model must be a positive integer"),
     ("model.chunk_size", 0, "model.chunk_size must be a positive integer"),
     ("model.remat", "sometimes", "model.remat='sometimes' is unknown"),

@@ -14,7 +14,8 @@ from mmrec_jax.models import mmrec as M
 V = 64
 ALL_ON = M.MMRecConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, chunk_size=4,
                        mem_slots=2, mem_levels=3, use_dpg=True, dpg_rank=4, use_moe=True, moe_experts=4,
-                       use_uboo=True, dropout=0.1, mem_qk_norm=True)
+                       use_uboo=True, dropout=0.1, mem_qk_norm=True,
+                       mem_pool="exp")
 
 
 @pytest.fixture(scope="module")

@@ -103,3 +103,15 @@ def test_read_off_zeroes_only_the_memory_read_out():
   # identical until the first chunk ends (nothing to read yet), different after
   np.testing.assert_allclose(np.asarray(a[:, :4]), np.asarray(b[:, :4]), atol=1e-6)
   assert not np.allclose(np.asarray(a[:, 8:]), np.asarray(b[:, 8:]), atol=1e-4)
+
+
+def test_every_benchmark_arm_is_a_valid_config():
+  """A typo in an arm's overrides would surface only after the arms before it
+  trained for minutes; every named arm must build a valid config."""
+  from mmrec_jax import bench
+  from mmrec_jax import config as config_lib
+  for arm in recall.ARMS:
+    c = config_lib.validate(bench.load_arm(arm, recall.ARMS))
+    for field, value in recall.ARMS[arm][1].items():
+      assert c.model[field] == value, (arm, field)
+  assert set(bench.ARMS) <= set(recall.ARMS)   # quality's arms, all recall can run

@@ -15,6 +15,8 @@ _REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 ARMS = {
     "mmrec": ("configs/tiny.py", {}),
     "mmrec_nomem": ("configs/tiny.py", {"mem_levels": 0}),
+    # chunks of 16 tokens (5 levels of 8 slots: 248 chunks, 3,968 tokens)
+    "mmrec_c16": ("configs/tiny.py", {"chunk_size": 16, "mem_levels": 5}),
     "transformer": ("configs/baselines/transformer_tiny.py", {}),
 }
 

@@ -33,6 +33,7 @@ from mmrec_jax import metrics as metrics_lib
 from mmrec_jax import models
 from mmrec_jax import tokenizer as tok_lib
 from mmrec_jax import train
+from mmrec_jax.errors import UsageError
 
 ARMS = bench.ARMS
 
@@ -42,7 +43,8 @@ flags.DEFINE_integer("tokens", 2_000_000, "Training tokens per arm (the budget).
 flags.DEFINE_integer("seq_len", 1024, "Training length.")
 flags.DEFINE_integer("batch", 4, "Batch size.")
 flags.DEFINE_list("seeds", ["0", "1"], "Seeds (each arm trains once per seed).")
-flags.DEFINE_list("arms", list(ARMS), "Arms to train.")
+flags.DEFINE_list("arms", ["mmrec", "mmrec_nomem", "transformer"],
+                  f"Arms to train ({', '.join(ARMS)}).")
 flags.DEFINE_integer("evals", 5, "Held-out evaluations during training.")
 flags.DEFINE_integer("eval_batches", 16, "Validation batches per evaluation (0: all).")
 flags.DEFINE_integer("long", 4, "Loss by position up to this many training lengths.")
@@ -76,6 +78,9 @@ def mean_spread(xs):
 def main(argv):
   del argv
   seeds = [int(s) for s in FLAGS.seeds]
+  for a in FLAGS.arms:
+    if a not in ARMS:
+      raise UsageError(f"--arms: unknown arm {a!r}; use {', '.join(ARMS)}")
   steps = max(1, FLAGS.tokens // (FLAGS.batch * FLAGS.seq_len))
   os.makedirs(FLAGS.out, exist_ok=True)
   # One tokenizer for every arm, trained once on the training split.

@@ -59,7 +59,10 @@ from mmrec_jax import workdir as workdir_lib
 from mmrec_jax.errors import UsageError
 
 ARMS = dict(bench.ARMS, mmrec_bigmem=("configs/tiny.py", {"mem_slots": 16}),
-            mmrec_qknorm=("configs/tiny.py", {"mem_qk_norm": True}))
+            mmrec_qknorm=("configs/tiny.py", {"mem_qk_norm": True}),
+            mmrec_c8=("configs/tiny.py", {"chunk_size": 8, "mem_levels": 6}),
+            mmrec_c16s2=("configs/tiny.py", {"chunk_size": 16, "mem_slots": 2, "mem_levels": 8}),
+            mmrec_c16exp=("configs/tiny.py", {"chunk_size": 16, "mem_levels": 5, "mem_pool": "exp"}))
 TASKS = ("passkey", "mqar")
 FILLER = ("the grass is green . the sky is blue . the sun is yellow . here we go . "
           "there and back again .").split()

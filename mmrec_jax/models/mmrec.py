@@ -33,6 +33,10 @@ from mmrec_jax.scan import linear_scan
 MOE_IMPLS = ("auto", "dense", "ragged")
 # Each of the two gates of the decay is bounded to [sigma(-GATE_BOUND), sigma(GATE_BOUND)].
 GATE_BOUND = 15.0
+# `mem_pool="exp"`: a token's pooling score is bounded to [-POOL_BOUND, POOL_BOUND]
+# (weights from 4.5e-5, far above the memory's MIN_MASS, to 2.2e4).
+POOL_BOUND = 10.0
+MEM_POOLS = ("sigmoid", "exp")
 MAX_INIT_DECAY = 0.99999
 
 
@@ -49,6 +53,11 @@ class MMRecConfig(base.BaseConfig):
   # The read's logits: False, q.k / sqrt(hd); True, queries and keys at unit RMS
   # per head times a learned per-head temperature (`read_scale`, init 1).
   mem_qk_norm: bool = False
+  # A token's pooling weight: "sigmoid" of a learned score, in (0, 1); or "exp" of
+  # it, bounded to [-POOL_BOUND, POOL_BOUND]: a softmax pooling over the chunk, and
+  # (since merges weight by mass) over every chunk a coarse slot holds, so one
+  # salient chunk can outweigh the many filler chunks it is merged with.
+  mem_pool: str = "sigmoid"
   scan_impl: str = "auto"        # auto | associative | sequential | chunked
   scan_chunk: int = 64           # chunk length of the `chunked` scan
   # MDI: the per-channel decays at init span [decay_min, decay_max] (timescales
@@ -71,6 +80,8 @@ class MMRecConfig(base.BaseConfig):
     base.check(isinstance(self.mem_levels, int) and self.mem_levels >= 0,
                f"model.mem_levels must be an integer >= 0 (0: no long-term memory), got "
                f"{self.mem_levels!r}")
+    base.check(self.mem_pool in MEM_POOLS, f"model.mem_pool={self.mem_pool!r} is unknown; use "
+               f"one of {', '.join(MEM_POOLS)}")
     base.positive_ints(self, ("chunk_size", "mem_slots", "scan_chunk",
                               "mdi_hidden_div"))
     base.check(self.d_model % self.mdi_hidden_div == 0,
@@ -226,10 +237,11 @@ class HDSMemory(nn.Module):
     out = dense(D, ("kv", "embed"), cfg, "out")
     scale_H = (self.param("read_scale", logical(nn.initializers.ones, "heads"), (H,),
                           cfg.params_dtype).astype(jnp.float32) if cfg.mem_qk_norm else None)
-    # Learned pooling: a per-token weight in (0, 1); the summary is the weighted mean.
-    w_BT = jax.nn.sigmoid(
-        dense(1, ("embed", None), cfg, "pool", use_bias=True)(h_BTD.astype(dt))[..., 0]
-    ).astype(jnp.float32)
+    # Learned pooling: a per-token weight (see `mem_pool`); the summary is the weighted mean.
+    score_BT = dense(1, ("embed", None), cfg, "pool", use_bias=True)(
+        h_BTD.astype(dt))[..., 0].astype(jnp.float32)
+    w_BT = (jnp.exp(_bound(score_BT, POOL_BOUND)) if cfg.mem_pool == "exp"
+            else jax.nn.sigmoid(score_BT))
 
     def summarise_kv(acc_BKX):
       """Key and value of the chunks' pooled summaries, float32 [..., 2D]."""

@@ -21,10 +21,12 @@ answers on fresh examples:
 
 Arms: MM-Rec tiny (`configs/tiny.py`), also scored with its memory's read-out
 zeroed after training (`mmrec/read_off`: does the trained model use its
-memory?), the same trained with its long-term memory off
+memory?) and, with `--eval_mem_slots=N`, with N slots per level (`mmrec/slotsN`), the same trained with its long-term memory off
 (`model.mem_levels=0`), the Transformer of the same size
 (`configs/baselines/transformer_tiny.py`, its KV cache holding the whole
-evaluation sequence), and optionally `mmrec_bigmem` (16 slots per level).
+evaluation sequence), and optionally `mmrec_bigmem` (16 slots per level) and
+the memory probes of the README's Recall section (`mmrec_c16`: chunks of 16
+tokens; `_qk`: `mem_qk_norm`; `_exp`: `mem_pool="exp"`; `mmrec_c8`, `mmrec_c16s2`).
 Every arm uses the task tokenizer (one BPE trained on the generated text, each
 word one token), so `model.vocab_size` is that tokenizer's size.
 
@@ -58,11 +60,18 @@ from mmrec_jax import train
 from mmrec_jax import workdir as workdir_lib
 from mmrec_jax.errors import UsageError
 
-ARMS = dict(bench.ARMS, mmrec_bigmem=("configs/tiny.py", {"mem_slots": 16}),
-            mmrec_qknorm=("configs/tiny.py", {"mem_qk_norm": True}),
-            mmrec_c8=("configs/tiny.py", {"chunk_size": 8, "mem_levels": 6}),
-            mmrec_c16s2=("configs/tiny.py", {"chunk_size": 16, "mem_slots": 2, "mem_levels": 8}),
-            mmrec_c16exp=("configs/tiny.py", {"chunk_size": 16, "mem_levels": 5, "mem_pool": "exp"}))
+_C16 = {"chunk_size": 16, "mem_levels": 5}   # as `mmrec_c16`
+ARMS = dict(
+    bench.ARMS,
+    mmrec_bigmem=("configs/tiny.py", {"mem_slots": 16}),
+    mmrec_qknorm=("configs/tiny.py", {"mem_qk_norm": True}),
+    # the probes of the README's Recall section: chunk size, slots, pooling, read
+    mmrec_c8=("configs/tiny.py", {"chunk_size": 8, "mem_levels": 6}),
+    mmrec_c16s2=("configs/tiny.py", dict(_C16, mem_slots=2, mem_levels=8)),
+    mmrec_c16exp=("configs/tiny.py", dict(_C16, mem_pool="exp")),
+    mmrec_c16qk=("configs/tiny.py", dict(_C16, mem_qk_norm=True)),
+    mmrec_c16qkexp=("configs/tiny.py", dict(_C16, mem_qk_norm=True, mem_pool="exp")),
+)
 TASKS = ("passkey", "mqar")
 FILLER = ("the grass is green . the sky is blue . the sun is yellow . here we go . "
           "there and back again .").split()
@@ -93,6 +102,8 @@ def define_flags():
                        "--seq_len need --carry_state to be learnable.")
   flags.DEFINE_bool("carry_state", False, "Train the MM-Rec arms with train.carry_state (each "
                     "row's state carried across windows; the Transformer arm trains without).")
+  flags.DEFINE_integer("eval_mem_slots", 0, "Also score each MM-Rec arm with this many memory "
+                       "slots per level (no parameter depends on it; 0: only as trained).")
   flags.DEFINE_bool("json", False, "Print the results as one JSON object on the last line.")
 
 
@@ -316,6 +327,8 @@ def main(argv):
   xs = {"passkey": [int(x) for x in FLAGS.distances], "mqar": [int(x) for x in FLAGS.pairs]}
   if "mqar" in tasks and not all(1 <= x <= N_WORDS for x in xs["mqar"]):
     raise UsageError(f"--pairs: each must be in 1..{N_WORDS} (the key vocabulary)")
+  if FLAGS.eval_mem_slots < 0:
+    raise UsageError("--eval_mem_slots must be >= 0 (0: score only the trained memory size)")
   if not all(x >= 0 for x in xs["passkey"]) or FLAGS.key_digits < 1:
     raise UsageError("--distances must be >= 0 and --key_digits >= 1")
   out = FLAGS.out
@@ -358,12 +371,15 @@ def main(argv):
     train_s = time.time() - t0
     model, variables, _, _ = loading.load(workdir, "latest")
     t1 = time.time()
-    evaluated = {arm: variables}
+    evaluated = {arm: (model, variables)}
     if getattr(model.cfg, "mem_levels", 0):   # the same model with its memory read zeroed
-      evaluated[f"{arm}/read_off"] = read_off(variables)
-    for name, v in evaluated.items():
+      evaluated[f"{arm}/read_off"] = (model, read_off(variables))
+      if FLAGS.eval_mem_slots:   # the same weights with more (or fewer) slots per level
+        evaluated[f"{arm}/slots{FLAGS.eval_mem_slots}"] = (models.build(dataclasses.replace(
+            model.cfg, mem_slots=FLAGS.eval_mem_slots)), variables)
+    for name, (m, v) in evaluated.items():
       for task in tasks:
-        results[task][name] = {str(x): accuracy(model, v, task, *sets[task][x], eod,
+        results[task][name] = {str(x): accuracy(m, v, task, *sets[task][x], eod,
                                                 FLAGS.seq_len) for x in xs[task]}
     info[arm] = {"params": models.count_params(models.param_shapes(model)),
                  "val_loss": r.val_losses[-1][1] if r.val_losses else float("nan"),

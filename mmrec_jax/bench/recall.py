@@ -21,7 +21,8 @@ answers on fresh examples:
 
 Arms: MM-Rec tiny (`configs/tiny.py`), also scored with its memory's read-out
 zeroed after training (`mmrec/read_off`: does the trained model use its
-memory?) and, with `--eval_mem_slots=N`, with N slots per level (`mmrec/slotsN`), the same trained with its long-term memory off
+memory?) and, with `--eval_mem_slots=N`, with N slots per level
+(`mmrec/slotsN`); the same trained with its long-term memory off
 (`model.mem_levels=0`), the Transformer of the same size
 (`configs/baselines/transformer_tiny.py`, its KV cache holding the whole
 evaluation sequence), and optionally `mmrec_bigmem` (16 slots per level) and
@@ -60,7 +61,7 @@ from mmrec_jax import train
 from mmrec_jax import workdir as workdir_lib
 from mmrec_jax.errors import UsageError
 
-_C16 = {"chunk_size": 16, "mem_levels": 5}   # as `mmrec_c16`
+_C16 = bench.ARMS["mmrec_c16"][1]   # chunks of 16 tokens, 5 levels
 ARMS = dict(
     bench.ARMS,
     mmrec_bigmem=("configs/tiny.py", {"mem_slots": 16}),

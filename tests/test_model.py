@@ -245,3 +245,18 @@ def test_last_only_gives_the_last_positions_logits(all_on):
   for a, b in zip(jax.tree.leaves(s_last), jax.tree.leaves(s_full)):
     np.testing.assert_array_equal(a, b)
 
+
+
+def test_mem_pool_exp_changes_only_what_reads_the_memory():
+  """The same weights pooled by sigmoid or by exp: identical logits in the first
+  chunk (nothing written yet), different once summaries are read."""
+  base = dict(vocab_size=V, d_model=16, n_layers=1, n_heads=2, chunk_size=4, mem_slots=2,
+              mem_levels=2)
+  sig, ex = M.MMRec(M.MMRecConfig(**base)), M.MMRec(M.MMRecConfig(**base, mem_pool="exp"))
+  params = nn.unbox(models.init_params(sig, jax.random.key(0)))
+  toks = _tokens(1, 12, seed=5)
+  a = sig.apply({"params": params}, toks)[0]
+  b = ex.apply({"params": params}, toks)[0]
+  d_T = jnp.abs(a - b).max(axis=(0, 2))
+  assert float(d_T[:4].max()) == 0.0
+  assert float(d_T[4:].min()) > 1e-6

@@ -160,8 +160,15 @@ def run_writes(mem0, kv_KX, mass_K, valid_K, clear_K):
   return snaps, final
 
 
-def _masked_softmax(logits, mask, axes):
-  """Softmax over `axes` of the entries `mask` keeps; all zeros where it keeps none."""
+def _masked_softmax(logits, mask, axes, logn=False):
+  """Softmax over `axes` of the entries `mask` keeps; all zeros where it keeps none.
+  With `logn`, the logits are first multiplied by log(n), n the number of entries
+  kept (scalable softmax): the weight a fixed logit margin gives the best entry
+  then does not fall as more entries compete, so a read trained on a few slots
+  still finds its slot among many."""
+  if logn:
+    n = jnp.sum(mask, axis=axes, keepdims=True).astype(jnp.float32)
+    logits = logits * jnp.log(jnp.maximum(n, 1.0))
   logits = jnp.where(mask, logits, -1e30)
   mx = jnp.max(logits, axis=axes, keepdims=True)
   p = jnp.where(mask, jnp.exp(logits - mx), 0.0)
@@ -183,10 +190,10 @@ def _normalise(q_Hd, keys_Hd, scale_H):
   return _unit(q_Hd) * scale_H.astype(q_Hd.dtype)[:, None], _unit(keys_Hd)
 
 
-def read(mem, q_Hd, cleared, scale_H=None):
+def read(mem, q_Hd, cleared, scale_H=None, logn=False):
   """One token's read (decoding): multi-head attention over the readable slots of
   `mem`, the memory before the token; nothing if `cleared` (its document starts
-  here). `scale_H`: see `_normalise`. Returns [H, hd] float32, zeros from an
+  here). `scale_H`: see `_normalise`; `logn`: see `_masked_softmax`. Returns [H, hd] float32, zeros from an
   empty memory."""
   H, hd = q_Hd.shape
   m_MX, valid_M = readable(mem)
@@ -195,17 +202,19 @@ def read(mem, q_Hd, cleared, scale_H=None):
   q_Hd, keys_MHd = _normalise(q_Hd, keys_MHd, scale_H)
   logits_HM = jnp.einsum("hd,mhd->hm", q_Hd, keys_MHd,
                          preferred_element_type=jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
-  p_HM = _masked_softmax(logits_HM, (valid_M & ~cleared)[None, :], -1)
+  p_HM = _masked_softmax(logits_HM, (valid_M & ~cleared)[None, :], -1, logn)
   return jnp.einsum("hm,mhd->hd", p_HM.astype(vals_MHd.dtype), vals_MHd,
                     preferred_element_type=jnp.float32)
 
 
-def attend(q_THd, keys_KMHd, values_KMHd, valid_KM, k_T, cleared_T, window, scale_H=None):
+def attend(q_THd, keys_KMHd, values_KMHd, valid_KM, k_T, cleared_T, window, scale_H=None,
+           logn=False):
   """Each token attends to the memory snapshot it may see (multi-head).
 
   Tokens are taken in windows of at most C consecutive positions; a window
   holds at most one chunk end, so its tokens see one of two snapshots.
-  `scale_H`: see `_normalise`. Returns [T, H, hd] float32; an empty memory
+  `scale_H`: see `_normalise`; `logn`: see `_masked_softmax`. Returns [T, H, hd]
+  float32; an empty memory
   reads as zeros.
   """
   T, H, hd = q_THd.shape
@@ -229,7 +238,7 @@ def attend(q_THd, keys_KMHd, values_KMHd, valid_KM, k_T, cleared_T, window, scal
   sel_NW2 = (k_NW - lo_N[:, None])[..., None] == jnp.arange(2)
   mask = (sel_NW2[:, :, None, :, None] & ok_N2M[:, None, None, :, :]
           & ~cleared_T.reshape(n, window)[:, :, None, None, None])
-  p = _masked_softmax(logits, mask, (-2, -1))
+  p = _masked_softmax(logits, mask, (-2, -1), logn)
   out_NWHd = jnp.einsum("nwhjm,njmhd->nwhd", p.astype(vv_N2MHd.dtype), vv_N2MHd,
                         preferred_element_type=jnp.float32)
   return out_NWHd.reshape(n * window, H, hd)[:T]

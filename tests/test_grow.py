@@ -23,7 +23,7 @@ TOL = 1e-4
 BASE = dict(vocab_size=64, d_model=16, n_layers=2, n_heads=2, chunk_size=4, mem_slots=2,
             mem_levels=2, scan_layers=False)
 OPTS = dict(use_moe=True, moe_experts=2, use_uboo=True, use_dpg=True,  # every option on
-            mem_qk_norm=True, mem_pool="exp")
+            mem_qk_norm=True, mem_pool="exp", mem_read_logn=True)
 SMALL = dict(BASE, **OPTS)
 BIG = dict(SMALL, d_model=32, n_heads=4, n_layers=3, vocab_size=96)
 
@@ -180,6 +180,7 @@ def test_mesh_of_8_devices_gives_the_same_params():
     (dict(use_moe=False), "use_moe switched off"),
     (dict(mem_qk_norm=False), "mem_qk_norm switched off"),
     (dict(mem_pool="sigmoid"), "mem_pool changes"),
+    (dict(mem_read_logn=False), "mem_read_logn switched off"),
     (dict(chunk_size=8), "memory geometry model.chunk_size"),
     (dict(mem_levels=3), "memory geometry model.mem_levels"),
 ])

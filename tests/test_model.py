@@ -15,7 +15,7 @@ V = 64
 ALL_ON = M.MMRecConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, chunk_size=4,
                        mem_slots=2, mem_levels=3, use_dpg=True, dpg_rank=4, use_moe=True, moe_experts=4,
                        use_uboo=True, dropout=0.1, mem_qk_norm=True,
-                       mem_pool="exp")
+                       mem_pool="exp", mem_read_logn=True)
 
 
 @pytest.fixture(scope="module")
@@ -247,16 +247,22 @@ def test_last_only_gives_the_last_positions_logits(all_on):
 
 
 
-def test_mem_pool_exp_changes_only_what_reads_the_memory():
-  """The same weights pooled by sigmoid or by exp: identical logits in the first
-  chunk (nothing written yet), different once summaries are read."""
+@pytest.mark.parametrize("change,same", [
+    # exp pooling: another summary as soon as one is written (after the first chunk)
+    (dict(mem_pool="exp"), 4),
+    # log(n) read: log(1) = 0 leaves a read of one slot as it was; from two slots on it differs
+    (dict(mem_read_logn=True), 8),
+])
+def test_read_options_change_only_what_reads_the_memory(change, same):
+  """The same weights with and without the option: identical logits up to
+  position `same`, different from there on (chunks of 4 tokens)."""
   base = dict(vocab_size=V, d_model=16, n_layers=1, n_heads=2, chunk_size=4, mem_slots=2,
               mem_levels=2)
-  sig, ex = M.MMRec(M.MMRecConfig(**base)), M.MMRec(M.MMRecConfig(**base, mem_pool="exp"))
-  params = nn.unbox(models.init_params(sig, jax.random.key(0)))
-  toks = _tokens(1, 12, seed=5)
-  a = sig.apply({"params": params}, toks)[0]
-  b = ex.apply({"params": params}, toks)[0]
+  ref, alt = M.MMRec(M.MMRecConfig(**base)), M.MMRec(M.MMRecConfig(**base, **change))
+  params = nn.unbox(models.init_params(ref, jax.random.key(0)))
+  toks = _tokens(1, 16, seed=5)
+  a = ref.apply({"params": params}, toks)[0]
+  b = alt.apply({"params": params}, toks)[0]
   d_T = jnp.abs(a - b).max(axis=(0, 2))
-  assert float(d_T[:4].max()) == 0.0
-  assert float(d_T[4:].min()) > 1e-6
+  assert float(d_T[:same].max()) == 0.0
+  assert float(d_T[same:].min()) > 1e-6

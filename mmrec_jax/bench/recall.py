@@ -27,7 +27,8 @@ memory?) and, with `--eval_mem_slots=N`, with N slots per level
 (`configs/baselines/transformer_tiny.py`, its KV cache holding the whole
 evaluation sequence), and optionally `mmrec_bigmem` (16 slots per level) and
 the memory probes of the README's Recall section (`mmrec_c16`: chunks of 16
-tokens; `_qk`: `mem_qk_norm`; `_exp`: `mem_pool="exp"`; `mmrec_c8`, `mmrec_c16s2`).
+tokens; `_qk`: `mem_qk_norm`; `_exp`: `mem_pool="exp"`; `_logn`:
+`mem_read_logn`; `mmrec_c8`, `mmrec_c16s2`).
 Every arm uses the task tokenizer (one BPE trained on the generated text, each
 word one token), so `model.vocab_size` is that tokenizer's size.
 
@@ -72,6 +73,7 @@ ARMS = dict(
     mmrec_c16exp=("configs/tiny.py", dict(_C16, mem_pool="exp")),
     mmrec_c16qk=("configs/tiny.py", dict(_C16, mem_qk_norm=True)),
     mmrec_c16qkexp=("configs/tiny.py", dict(_C16, mem_qk_norm=True, mem_pool="exp")),
+    mmrec_c16logn=("configs/tiny.py", dict(_C16, mem_read_logn=True)),
 )
 TASKS = ("passkey", "mqar")
 FILLER = ("the grass is green . the sky is blue . the sun is yellow . here we go . "
@@ -288,6 +290,15 @@ def read_off(variables):
 # ------------------------------------------------------------------ report
 
 
+def run_key(c):
+  """The config as a dict, without the model fields at their schema defaults: a new
+  model option (off by default) does not change the key of runs made before it."""
+  d = c.to_dict()
+  fields = {f.name: f.default for f in dataclasses.fields(models.schema(d["model"]["kind"]))}
+  d["model"] = {k: v for k, v in d["model"].items() if k not in fields or fields[k] != v}
+  return d
+
+
 def plot(path, results, tasks, arms):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -365,7 +376,7 @@ def main(argv):
   for arm in arms:
     c = arm_config(arm, stream, tok, tok_path, data_dir)
     # one workdir per setting, so a rerun with other settings never reuses a run
-    run_id = hashlib.sha1(json.dumps([tag, c.to_dict()], sort_keys=True, default=str).encode())
+    run_id = hashlib.sha1(json.dumps([tag, run_key(c)], sort_keys=True, default=str).encode())
     workdir = os.path.join(out, f"{arm}_{run_id.hexdigest()[:8]}")
     t0 = time.time()
     r = train.run(c, workdir, quiet=True)

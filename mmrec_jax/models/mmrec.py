@@ -58,6 +58,10 @@ class MMRecConfig(base.BaseConfig):
   # (since merges weight by mass) over every chunk a coarse slot holds, so one
   # salient chunk can outweigh the many filler chunks it is merged with.
   mem_pool: str = "sigmoid"
+  # The read's logits times log(number of slots it sees) (scalable softmax): a
+  # margin learned among the few slots of a training window keeps its weight
+  # among the many slots of a longer document.
+  mem_read_logn: bool = False
   scan_impl: str = "auto"        # auto | associative | sequential | chunked
   scan_chunk: int = 64           # chunk length of the `chunked` scan
   # MDI: the per-channel decays at init span [decay_min, decay_max] (timescales
@@ -282,8 +286,9 @@ class HDSMemory(nn.Module):
     keys = m_BKMX[..., :D].astype(dt).reshape(B, K1, M, H, D // H)
     vals = m_BKMX[..., D:].astype(dt).reshape(B, K1, M, H, D // H)
     window = min(cfg.chunk_size, T)
-    read_BTHd = jax.vmap(mem_lib.attend, in_axes=(0, 0, 0, 0, 0, 0, None, None))(
-        q_BTD.reshape(B, T, H, D // H), keys, vals, valid_BKM, k_BT, cleared_BT, window, scale_H)
+    read_BTHd = jax.vmap(mem_lib.attend, in_axes=(0, 0, 0, 0, 0, 0, None, None, None))(
+        q_BTD.reshape(B, T, H, D // H), keys, vals, valid_BKM, k_BT, cleared_BT, window, scale_H,
+        cfg.mem_read_logn)
     out_BTD = out(read_BTHd.reshape(B, T, D).astype(dt))
 
     # The state after the last token.
@@ -307,8 +312,8 @@ def _decode_one(cfg, h_BD, q_BD, w_B, reset_B, state, summarise_kv, out, scale_H
   acc_BX = (jnp.concatenate([w_B[:, None] * h_BD, w_B[:, None]], axis=-1)
             + jnp.where((pos_B % cfg.chunk_size == 0)[:, None], 0.0, carry_BX))
   # The token reads the memory as it was before it (nothing after a document start).
-  read_BHd = jax.vmap(mem_lib.read, in_axes=(0, 0, 0, None))(
-      state.memory, q_BD.reshape(B, H, D // H), reset_B, scale_H)
+  read_BHd = jax.vmap(mem_lib.read, in_axes=(0, 0, 0, None, None))(
+      state.memory, q_BD.reshape(B, H, D // H), reset_B, scale_H, cfg.mem_read_logn)
   out_BD = out(read_BHd.reshape(B, D).astype(cfg.compute_dtype))
 
   # A document start empties the memory; a chunk end writes the chunk's summary.

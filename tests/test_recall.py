@@ -115,3 +115,16 @@ def test_every_benchmark_arm_is_a_valid_config():
     for field, value in recall.ARMS[arm][1].items():
       assert c.model[field] == value, (arm, field)
   assert set(bench.ARMS) <= set(recall.ARMS)   # quality's arms, all recall can run
+
+
+def test_run_key_ignores_model_options_at_their_defaults():
+  """A reused run is one with the same settings: an option added later (at its
+  default) keeps old runs' keys; setting it, or any other field, changes the key."""
+  from mmrec_jax import config as config_lib
+  c = config_lib.load_config_file("configs/tiny.py")
+  key = recall.run_key(c)
+  assert "mem_read_logn" not in key["model"] and "chunk_size" not in key["model"]
+  assert key["model"]["kind"] == "mmrec" and key["train"] == c.train.to_dict()
+  c.model.mem_read_logn, c.model.chunk_size = True, 16
+  assert recall.run_key(c)["model"]["mem_read_logn"] is True
+  assert recall.run_key(c)["model"]["chunk_size"] == 16

@@ -295,7 +295,8 @@ def run_key(c):
   model option (off by default) does not change the key of runs made before it."""
   d = c.to_dict()
   fields = {f.name: f.default for f in dataclasses.fields(models.schema(d["model"]["kind"]))}
-  d["model"] = {k: v for k, v in d["model"].items() if k not in fields or fields[k] != v}
+  d["model"] = {k: v for k, v in d["model"].items()
+                if k == "kind" or k not in fields or fields[k] != v}
   return d
 
 

@@ -17,6 +17,9 @@ ARMS = {
     "mmrec_nomem": ("configs/tiny.py", {"mem_levels": 0}),
     # chunks of 16 tokens (5 levels of 8 slots: 248 chunks, 3,968 tokens)
     "mmrec_c16": ("configs/tiny.py", {"chunk_size": 16, "mem_levels": 5}),
+    # the same, its read's logits scaled by log(slots seen) (see README, Recall)
+    "mmrec_c16logn": ("configs/tiny.py", {"chunk_size": 16, "mem_levels": 5,
+                                          "mem_read_logn": True}),
     "transformer": ("configs/baselines/transformer_tiny.py", {}),
 }
 

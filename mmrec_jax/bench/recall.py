@@ -73,7 +73,6 @@ ARMS = dict(
     mmrec_c16exp=("configs/tiny.py", dict(_C16, mem_pool="exp")),
     mmrec_c16qk=("configs/tiny.py", dict(_C16, mem_qk_norm=True)),
     mmrec_c16qkexp=("configs/tiny.py", dict(_C16, mem_qk_norm=True, mem_pool="exp")),
-    mmrec_c16logn=("configs/tiny.py", dict(_C16, mem_read_logn=True)),
 )
 TASKS = ("passkey", "mqar")
 FILLER = ("the grass is green . the sky is blue . the sun is yellow . here we go . "

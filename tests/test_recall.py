@@ -128,3 +128,11 @@ def test_run_key_ignores_model_options_at_their_defaults():
   c.model.mem_read_logn, c.model.chunk_size = True, 16
   assert recall.run_key(c)["model"]["mem_read_logn"] is True
   assert recall.run_key(c)["model"]["chunk_size"] == 16
+
+
+@pytest.mark.parametrize("item", ["128", "128:0", "x:10", "128:10:2", "-5:10"])
+def test_bad_curriculum_stage_is_a_usage_error(item):
+  from mmrec_jax.errors import UsageError
+  with pytest.raises(UsageError, match="not LEN:STEPS"):
+    recall.parse_curriculum([item])
+  assert recall.parse_curriculum(["128:2000", "256:10"]) == [(128, 2000), (256, 10)]

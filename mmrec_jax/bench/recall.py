@@ -106,6 +106,10 @@ def define_flags():
                     "row's state carried across windows; the Transformer arm trains without).")
   flags.DEFINE_integer("eval_mem_slots", 0, "Also score each MM-Rec arm with this many memory "
                        "slots per level (no parameter depends on it; 0: only as trained).")
+  flags.DEFINE_list("curriculum", [], "Stages trained before the main one, each LEN:STEPS "
+                    "(e.g. 128:2000): STEPS steps at training length LEN on documents within "
+                    "LEN; each stage starts from the previous one's parameters (fresh "
+                    "optimizer, its own warmup), the main stage (--seq_len, --steps) last.")
   flags.DEFINE_bool("json", False, "Print the results as one JSON object on the last line.")
 
 
@@ -195,23 +199,23 @@ def make_tokenizer(out):
 # ------------------------------------------------------------------ training
 
 
-def arm_config(arm, stream, tok, tok_path, data_dir):
+def arm_config(arm, stream, tok, tok_path, data_dir, seq_len, steps):
   c = bench.load_arm(arm, ARMS)
   c.model.vocab_size = tok.get_vocab_size()
-  c.model.max_seq_len = max(c.model.max_seq_len, FLAGS.seq_len)
+  c.model.max_seq_len = max(c.model.max_seq_len, seq_len)
   c.data.path = os.path.join(data_dir, f"{stream}_train.txt")
   c.data.val_path = os.path.join(data_dir, f"{stream}_val.txt")
   c.data.tokenizer = tok_path
   c.data.cache_dir = os.path.join(data_dir, "cache")
   t = c.train
-  t.seed, t.seq_len, t.batch_size, t.steps, t.lr = (FLAGS.seed, FLAGS.seq_len, FLAGS.batch,
-                                                    FLAGS.steps, FLAGS.lr)
-  t.warmup_steps = max(1, FLAGS.steps // 10)
-  t.eval_every = FLAGS.steps
+  t.seed, t.seq_len, t.batch_size, t.steps, t.lr = (FLAGS.seed, seq_len, FLAGS.batch,
+                                                    steps, FLAGS.lr)
+  t.warmup_steps = max(1, steps // 10)
+  t.eval_every = steps
   t.eval_batches = 4
-  t.log_every = max(1, FLAGS.steps // 10)
+  t.log_every = max(1, steps // 10)
   t.samples = 0
-  c.checkpoint.every = FLAGS.steps
+  c.checkpoint.every = steps
   t.carry_state = FLAGS.carry_state and c.model.kind == "mmrec"
   return config_lib.validate(c)
 
@@ -289,6 +293,40 @@ def read_off(variables):
 # ------------------------------------------------------------------ report
 
 
+def parse_curriculum(items):
+  """[(seq_len, steps)] of `--curriculum` items LEN:STEPS."""
+  stages = []
+  for item in items:
+    a, sep, b = item.partition(":")
+    if not (sep and a.isdigit() and b.isdigit() and int(a) > 0 and int(b) > 0):
+      raise UsageError(f"--curriculum: {item!r} is not LEN:STEPS with positive integers "
+                       "(e.g. --curriculum=128:2000)")
+    stages.append((int(a), int(b)))
+  return stages
+
+
+def make_stream(data_dir, stream, tasks, seq_len, steps, stage, last):
+  """Writes (once per setting) the training and held-out documents of one stage;
+  returns (its file name stem, its tag). The main stage (`last`) keeps the
+  stem and seed it had before curricula existed, so its data are unchanged."""
+  name = stream if last else f"{stream}_stage{stage}"
+  n_train = steps * FLAGS.batch * seq_len
+  span = (FLAGS.train_span if last else 0) or seq_len
+  tag = (f"{stream} seed={FLAGS.seed} seq_len={seq_len} tokens={n_train} "
+         f"key_digits={FLAGS.key_digits} train_pairs={FLAGS.train_pairs} span={span} mix=half")
+  tag_path = os.path.join(data_dir, f"{name}.tag")
+  if not os.path.isfile(tag_path) or open(tag_path).read() != tag:
+    seed = [FLAGS.seed, len(tasks)] + ([] if last else [100 + stage])
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", int(n_train * 1.1)), ("val", 8 * FLAGS.batch * seq_len)):
+      docs = [d for task in tasks for d in train_docs(
+          task, rng, n // len(tasks), seq_len, FLAGS.key_digits, FLAGS.train_pairs, span)]
+      write_docs(os.path.join(data_dir, f"{name}_{split}.txt"),
+                 [docs[i] for i in rng.permutation(len(docs))])
+    workdir_lib.atomic_write(tag_path, tag)
+  return name, tag
+
+
 def run_key(c):
   """The config as a dict, without the model fields at their schema defaults: a new
   model option (off by default) does not change the key of runs made before it."""
@@ -343,43 +381,40 @@ def main(argv):
     raise UsageError("--eval_mem_slots must be >= 0 (0: score only the trained memory size)")
   if not all(x >= 0 for x in xs["passkey"]) or FLAGS.key_digits < 1:
     raise UsageError("--distances must be >= 0 and --key_digits >= 1")
+  stages = parse_curriculum(FLAGS.curriculum) + [(FLAGS.seq_len, FLAGS.steps)]
   out = FLAGS.out
   data_dir = os.path.join(out, "data")
   os.makedirs(data_dir, exist_ok=True)
   tok, tok_path = make_tokenizer(data_dir)
   eod = tok.token_to_id(tok_lib.EOD)
-  n_train = FLAGS.steps * FLAGS.batch * FLAGS.seq_len
   rng_eval = {t: np.random.default_rng([FLAGS.seed, 1000 + i]) for i, t in enumerate(TASKS)}
-  # One training stream: documents of the chosen tasks, interleaved at random.
+  # One training stream per stage: documents of the chosen tasks, interleaved at random.
   stream = "+".join(tasks)
-  span = FLAGS.train_span or FLAGS.seq_len
-  tag = (f"{stream} seed={FLAGS.seed} seq_len={FLAGS.seq_len} tokens={n_train} "
-         f"key_digits={FLAGS.key_digits} train_pairs={FLAGS.train_pairs} span={span} mix=half")
-  tag_path = os.path.join(data_dir, f"{stream}.tag")
-  if not os.path.isfile(tag_path) or open(tag_path).read() != tag:
-    rng = np.random.default_rng([FLAGS.seed, len(tasks)])
-    for split, n in (("train", int(n_train * 1.1)), ("val", 8 * FLAGS.batch * FLAGS.seq_len)):
-      docs = [d for task in tasks for d in train_docs(
-          task, rng, n // len(tasks), FLAGS.seq_len, FLAGS.key_digits, FLAGS.train_pairs,
-          span)]
-      write_docs(os.path.join(data_dir, f"{stream}_{split}.txt"),
-                 [docs[i] for i in rng.permutation(len(docs))])
-    workdir_lib.atomic_write(tag_path, tag)
+  streams = [make_stream(data_dir, stream, tasks, seq_len, steps, i, last=i == len(stages) - 1)
+             for i, (seq_len, steps) in enumerate(stages)]
+  n_train = sum(FLAGS.batch * seq_len * steps for seq_len, steps in stages)
   sets = {task: {x: eval_set(task, x, tok, rng_eval[task], FLAGS.examples, FLAGS.seq_len,
                              FLAGS.key_digits) for x in xs[task]} for task in tasks}
+  plan = " then ".join(f"{steps} steps of {FLAGS.batch} x {seq_len}" for seq_len, steps in stages)
   print(f"recall: tasks {', '.join(tasks)} (one training stream); arms {', '.join(arms)}; "
-        f"{FLAGS.steps} steps of {FLAGS.batch} x {FLAGS.seq_len} = {n_train:,} training tokens "
-        f"per arm; vocabulary {tok.get_vocab_size()}; {FLAGS.examples} evaluation examples per "
+        f"{plan} = {n_train:,} training tokens per arm; vocabulary {tok.get_vocab_size()}; {FLAGS.examples} evaluation examples per "
         f"cell", flush=True)
   results = {t: {} for t in tasks}
   info = {}
   for arm in arms:
-    c = arm_config(arm, stream, tok, tok_path, data_dir)
-    # one workdir per setting, so a rerun with other settings never reuses a run
-    run_id = hashlib.sha1(json.dumps([tag, run_key(c)], sort_keys=True, default=str).encode())
-    workdir = os.path.join(out, f"{arm}_{run_id.hexdigest()[:8]}")
     t0 = time.time()
-    r = train.run(c, workdir, quiet=True)
+    parent, params = None, None
+    for i, (name, tag) in enumerate(streams):
+      seq_len, steps = stages[i]
+      c = arm_config(arm, name, tok, tok_path, data_dir, seq_len, steps)
+      # one workdir per setting (and per earlier stages), so a rerun with other
+      # settings never reuses a run
+      key = [tag, run_key(c)] + ([parent] if parent else [])
+      run_id = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
+      suffix = f"_stage{i}" if i < len(streams) - 1 else ""
+      workdir = os.path.join(out, f"{arm}_{run_id}{suffix}")
+      r = train.run(c, workdir, quiet=True, init_from=params)
+      parent, params = run_id, r.params
     train_s = time.time() - t0
     model, variables, _, _ = loading.load(workdir, "latest")
     t1 = time.time()

@@ -71,3 +71,19 @@ def test_decode_benchmark_measures_a_small_model():
                                    prefill_tokens=8, reps=1)
   assert all(out[k] > 0 for k in ("decode_b1", "decode_b16", "prefill"))
   assert 0 < out["prefill_flops_per_token"] < model.flops_per_token()
+
+
+def test_an_interrupted_arm_stops_the_benchmark(monkeypatch):
+  """A benchmark whose training run was stopped by a signal exits (130 / 143)
+  instead of scoring the half-trained model; a finished run is returned."""
+  import pytest
+  from mmrec_jax import bench, loop, train
+  from mmrec_jax.errors import Interrupted
+  result = {}
+  monkeypatch.setattr(train, "run", lambda c, w, quiet, **kw: result["r"])
+  result["r"] = loop.Result(601, "interrupted", [], [], signal="SIGTERM")
+  with pytest.raises(Interrupted, match="interrupted by SIGTERM at step 601") as e:
+    bench.train_arm(None, "wd")
+  assert e.value.exit_code == 143
+  result["r"] = loop.Result(1000, "done", [], [])
+  assert bench.train_arm(None, "wd").step == 1000

@@ -6,6 +6,7 @@ import os
 import numpy as np
 
 from mmrec_jax import config as config_lib
+from mmrec_jax.errors import Interrupted
 
 _REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 
@@ -30,6 +31,18 @@ def load_arm(arm, arms=None):
   c = config_lib.load_config_file(os.path.join(_REPO, path))
   c.model.update(model_overrides)
   return c
+
+
+def train_arm(c, workdir, **kwargs):
+  """`train.run` of one arm, quietly; stops the benchmark (exit 130 / 143, the
+  checkpoint saved) when a signal interrupted the run, instead of scoring a
+  half-trained model."""
+  from mmrec_jax import train  # pylint: disable=import-outside-toplevel
+  r = train.run(c, workdir, quiet=True, **kwargs)
+  if r.reason == "interrupted":
+    raise Interrupted(f"{workdir}: interrupted by {r.signal} at step {r.step}; re-run the same "
+                      "command to resume", 130 if r.signal == "SIGINT" else 143)
+  return r
 
 
 def random_batch(rng, batch, seq_len, vocab):

@@ -32,7 +32,6 @@ from mmrec_jax import loading
 from mmrec_jax import metrics as metrics_lib
 from mmrec_jax import models
 from mmrec_jax import tokenizer as tok_lib
-from mmrec_jax import train
 from mmrec_jax.errors import UsageError
 
 ARMS = bench.ARMS
@@ -99,7 +98,7 @@ def main(argv):
       c = arm_config(arm, seed, steps, tok_path)
       workdir = os.path.join(FLAGS.out, f"{arm}_seed{seed}")
       t0 = time.time()
-      r = train.run(c, workdir, quiet=True)
+      r = bench.train_arm(c, workdir)
       recs = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
       val = [x for x in recs if x["split"] == "val"]
       rates = [x["tokens_per_s"] for x in recs if x["split"] == "train" and "compile_s" not in x]

@@ -58,7 +58,6 @@ from mmrec_jax import config as config_lib
 from mmrec_jax import loading
 from mmrec_jax import models
 from mmrec_jax import tokenizer as tok_lib
-from mmrec_jax import train
 from mmrec_jax import workdir as workdir_lib
 from mmrec_jax.errors import UsageError
 
@@ -413,7 +412,7 @@ def main(argv):
       run_id = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
       suffix = f"_stage{i}" if i < len(streams) - 1 else ""
       workdir = os.path.join(out, f"{arm}_{run_id}{suffix}")
-      r = train.run(c, workdir, quiet=True, init_from=params)
+      r = bench.train_arm(c, workdir, init_from=params)
       parent, params = run_id, r.params
     train_s = time.time() - t0
     model, variables, _, _ = loading.load(workdir, "latest")

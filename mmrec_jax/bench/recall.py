@@ -1,7 +1,8 @@
 """Long-range recall: passkey retrieval and multi-query associative recall (MQAR).
 
     python -m mmrec_jax.bench.recall [--tasks=passkey,mqar] [--arms=mmrec,mmrec_nomem,transformer]
-        [--steps=1000] [--batch=8] [--seq_len=256] [--out=runs/recall] [--json]
+        [--steps=1000] [--batch=8] [--seq_len=256] [--curriculum=128:2000] [--out=runs/recall]
+        [--json]
 
 Held-out text cannot tell a working long-term memory from a broken one; these
 two synthetic tasks can. The benchmark writes its own data (no download),
@@ -18,6 +19,11 @@ answers on fresh examples:
   each followed by its value. Trained with N up to `--train_pairs`; scored as
   the fraction of values predicted (greedy) at each N of `--pairs`. A model that
   remembers nothing scores about 1/64 (the value vocabulary).
+
+`--curriculum=LEN:STEPS,...` trains stages at other lengths first (each on its
+own documents within its length, from the previous stage's parameters, fresh
+optimizer); the main stage (`--seq_len`, `--steps`) comes last and sets the
+training length the distances are compared with.
 
 Arms: MM-Rec tiny (`configs/tiny.py`), also scored with its memory's read-out
 zeroed after training (`mmrec/read_off`: does the trained model use its
@@ -430,7 +436,7 @@ def main(argv):
     info[arm] = {"params": models.count_params(models.param_shapes(model)),
                  "val_loss": r.val_losses[-1][1] if r.val_losses else float("nan"),
                  "train_s": train_s}
-    print(f"  {arm}: trained {r.step} steps in {train_s:.0f}s (held-out loss "
+    print(f"  {arm}: trained {sum(s for _, s in stages)} steps in {train_s:.0f}s (held-out loss "
           f"{info[arm]['val_loss']:.3f}), evaluated in {time.time() - t1:.0f}s", flush=True)
     for name in evaluated:
       print(f"    {name}: " + "; ".join(

@@ -402,8 +402,8 @@ def main(argv):
                              FLAGS.key_digits) for x in xs[task]} for task in tasks}
   plan = " then ".join(f"{steps} steps of {FLAGS.batch} x {seq_len}" for seq_len, steps in stages)
   print(f"recall: tasks {', '.join(tasks)} (one training stream); arms {', '.join(arms)}; "
-        f"{plan} = {n_train:,} training tokens per arm; vocabulary {tok.get_vocab_size()}; {FLAGS.examples} evaluation examples per "
-        f"cell", flush=True)
+        f"{plan} = {n_train:,} training tokens per arm; vocabulary {tok.get_vocab_size()}; "
+        f"{FLAGS.examples} evaluation examples per cell", flush=True)
   results = {t: {} for t in tasks}
   info = {}
   for arm in arms:

@@ -193,8 +193,8 @@ def _normalise(q_Hd, keys_Hd, scale_H):
 def read(mem, q_Hd, cleared, scale_H=None, logn=False):
   """One token's read (decoding): multi-head attention over the readable slots of
   `mem`, the memory before the token; nothing if `cleared` (its document starts
-  here). `scale_H`: see `_normalise`; `logn`: see `_masked_softmax`. Returns [H, hd] float32, zeros from an
-  empty memory."""
+  here). `scale_H`: see `_normalise`; `logn`: see `_masked_softmax`. Returns
+  [H, hd] float32, zeros from an empty memory."""
   H, hd = q_Hd.shape
   m_MX, valid_M = readable(mem)
   keys_MHd = m_MX[:, :H * hd].astype(q_Hd.dtype).reshape(-1, H, hd)
@@ -214,8 +214,7 @@ def attend(q_THd, keys_KMHd, values_KMHd, valid_KM, k_T, cleared_T, window, scal
   Tokens are taken in windows of at most C consecutive positions; a window
   holds at most one chunk end, so its tokens see one of two snapshots.
   `scale_H`: see `_normalise`; `logn`: see `_masked_softmax`. Returns [T, H, hd]
-  float32; an empty memory
-  reads as zeros.
+  float32; an empty memory reads as zeros.
   """
   T, H, hd = q_THd.shape
   q_THd, keys_KMHd = _normalise(q_THd, keys_KMHd, scale_H)

@@ -1,6 +1,7 @@
 """The benchmark tools' own logic (what they measure is timed by running them)."""
 import flax.linen as nn
 import jax
+import pytest
 
 from mmrec_jax import models
 from mmrec_jax.bench import decode as bench_decode
@@ -76,7 +77,6 @@ def test_decode_benchmark_measures_a_small_model():
 def test_an_interrupted_arm_stops_the_benchmark(monkeypatch):
   """A benchmark whose training run was stopped by a signal exits (130 / 143)
   instead of scoring the half-trained model; a finished run is returned."""
-  import pytest
   from mmrec_jax import bench, loop, train
   from mmrec_jax.errors import Interrupted
   result = {}

@@ -246,7 +246,6 @@ def test_last_only_gives_the_last_positions_logits(all_on):
     np.testing.assert_array_equal(a, b)
 
 
-
 @pytest.mark.parametrize("change,same", [
     # exp pooling: another summary as soon as one is written (after the first chunk)
     (dict(mem_pool="exp"), 4),

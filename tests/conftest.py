@@ -6,7 +6,22 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One persistent XLA cache per test process, shared with the subprocesses it
+  starts: tests that compile the same step (same shapes, same config) compile it once."""
+  path = str(tmp_path_factory.getbasetemp() / "jax_cache")
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  yield path
+  jax.config.update("jax_compilation_cache_dir", None)
 
 
 @pytest.fixture(autouse=True)

@@ -37,17 +37,6 @@ def make_config(corpus=None, **kw):
   return config_lib.validate(c)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """The runs below share their compiled steps (same shapes) through XLA's cache."""
-  before = jax.config.jax_compilation_cache_dir
-  jax.config.update("jax_compilation_cache_dir", before or str(tmp_path_factory.mktemp("jit")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield
-  jax.config.update("jax_compilation_cache_dir", before)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   os.environ["MMREC_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "carry_token_cache")

@@ -62,6 +62,30 @@ def test_answers_are_where_the_scoring_looks(tok, task, x):
   assert _score(task, ids, ans, eod, shift=1) == 0.0
 
 
+def test_multikey_answers_are_the_keys_under_the_asked_labels(tok):
+  ids, ans = recall.eval_set("multikey", 40, tok, np.random.default_rng(0), examples=4,
+                             seq_len=64, key_digits=2, n_keys=3)
+  eod = tok.token_to_id(tok_lib.EOD)
+  for row, a in zip(ids, ans):
+    text = tok.decode([t for t in row.tolist() if t > 1])
+    stated = dict(s.split(" is ", 1) for s in text.split(" what ")[0].split("the pass key ")[1:])
+    stated = {k: v.split(" .")[0].split() for k, v in stated.items()}
+    asked = [q.split(" ?")[0] for q in text.split("what is the pass key ")[1:]]
+    assert len(stated) == 3 and sorted(asked) == sorted(stated)
+    words = tok.decode(row[a].tolist()).split()
+    assert words == [d for label in asked for d in stated[label]]
+  score = lambda shift: recall.accuracy(_Oracle(ids, shift), {}, "multikey", ids, ans, eod,
+                                        seq_len=64, batch=len(ids), key_digits=2)
+  assert score(0) == 1.0 and score(1) == 0.0
+  # a key counts only when both its digits are right: a model that gets every first
+  # digit right and every second one wrong scores 0, not 0.5
+  wrong = ids.copy()
+  rows = np.arange(len(ids))[:, None]
+  wrong[rows, ans[:, 1::2]] = (wrong[rows, ans[:, 1::2]] + 1) % 600
+  assert recall.accuracy(_Oracle(wrong, 0), {}, "multikey", ids, ans, eod, seq_len=64,
+                         batch=len(ids), key_digits=2) == 0.0
+
+
 def test_every_task_word_is_one_token(tok):
   keys, values = recall.word_lists()
   assert len(set(keys) | set(values)) == 2 * recall.N_WORDS
@@ -74,7 +98,8 @@ def test_every_task_word_is_one_token(tok):
 def test_training_documents_fit_the_training_length(tok):
   rng = np.random.default_rng(2)
   for task in recall.TASKS:
-    docs = recall.train_docs(task, rng, 20_000, 128, key_digits=5, train_pairs=24)
+    digits = 1 if task == "multikey" else 5
+    docs = recall.train_docs(task, rng, 20_000, 128, key_digits=digits, train_pairs=24)
     lengths = [len(tok.encode(d).ids) + 1 for d in docs]   # + the <|eod|> before each
     assert max(lengths) <= 128 and sum(lengths) >= 20_000
 

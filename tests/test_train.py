@@ -37,19 +37,6 @@ OVERRIDES = {
 }
 
 
-@pytest.fixture(scope="session", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """A persistent XLA cache shared by in-process runs and subprocesses (same shapes)."""
-  path = str(tmp_path_factory.getbasetemp() / "jax_cache")
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
-  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  yield path
-  jax.config.update("jax_compilation_cache_dir", None)
-
-
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
   d = tmp_path_factory.mktemp("corpus")

@@ -19,6 +19,14 @@ answers on fresh examples:
   each followed by its value. Trained with N up to `--train_pairs`; scored as
   the fraction of values predicted (greedy) at each N of `--pairs`. A model that
   remembers nothing scores about 1/64 (the value vocabulary).
+- multikey (`--tasks=multikey`, not run by default): `--keys` labelled keys
+  ("the pass key bav is 3 .", a few filler tokens after each), then `distance`
+  tokens of filler, then every label asked for in random order ("what is the
+  pass key bav ? the pass key bav is 3 ."); scored as the fraction of keys
+  given exactly. One key fits in any state; several keys, each to be found by
+  its label, are what a memory read by attention is for. Chance is
+  10**-key_digits (a model that holds one key and answers it everywhere
+  scores about 1/keys).
 
 `--curriculum=LEN:STEPS,...` trains stages at other lengths first (each on its
 own documents within its length, from the previous stage's parameters, fresh
@@ -79,7 +87,7 @@ ARMS = dict(
     mmrec_c16qk=("configs/tiny.py", dict(_C16, mem_qk_norm=True)),
     mmrec_c16qkexp=("configs/tiny.py", dict(_C16, mem_qk_norm=True, mem_pool="exp")),
 )
-TASKS = ("passkey", "mqar")
+TASKS = ("passkey", "mqar", "multikey")
 FILLER = ("the grass is green . the sky is blue . the sun is yellow . here we go . "
           "there and back again .").split()
 N_WORDS = 64   # MQAR: distinct keys, and distinct values
@@ -89,7 +97,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """The command's flags (defined when it runs, so importing this module defines none)."""
-  flags.DEFINE_list("tasks", list(TASKS), "Tasks to run: passkey, mqar.")
+  flags.DEFINE_list("tasks", ["passkey", "mqar"], f"Tasks to run: {', '.join(TASKS)}.")
   flags.DEFINE_list("arms", ["mmrec", "mmrec_nomem", "transformer"],
                     f"Arms to train ({', '.join(ARMS)}).")
   flags.DEFINE_integer("steps", 1000, "Training steps per arm (one stream of all --tasks).")
@@ -102,6 +110,8 @@ def define_flags():
                     "Passkey: filler tokens between the key and the question, evaluated.")
   flags.DEFINE_integer("train_pairs", 48, "MQAR: most key-value pairs in a training sequence.")
   flags.DEFINE_list("pairs", ["8", "16", "32", "48"], "MQAR: numbers of pairs evaluated.")
+  flags.DEFINE_integer("keys", 4, "multikey: labelled keys per document, all asked for "
+                       "after the filler.")
   flags.DEFINE_integer("examples", 64, "Fresh evaluation examples per distance / number of pairs.")
   flags.DEFINE_string("out", "runs/recall", "Output folder (generated data, one workdir per run).")
   flags.DEFINE_integer("train_span", 0, "Passkey: every other training document is up to "
@@ -157,7 +167,38 @@ def mqar_doc(rng, n_pairs, keys, values):
   return " ".join(words)
 
 
-def train_docs(task, rng, n_tokens, seq_len, key_digits=5, train_pairs=48, span=None):
+KEY_GAP = 8   # multikey: at most this many filler tokens between two key statements
+
+
+def multikey_doc(rng, distance, digits, n_keys, labels):
+  """(text, indices of the answer words): `n_keys` labelled keys ("the pass key
+  <label> is 3 ."), each followed by up to KEY_GAP filler tokens, then `distance`
+  tokens of filler, then every label asked for in random order ("what is the pass
+  key <label> ? the pass key <label> is 3 ."). A state that holds one key is not
+  enough: each question needs the key stored under its label."""
+  which = rng.choice(len(labels), n_keys, replace=False)
+  keys = [[str(d) for d in rng.integers(0, 10, digits)] for _ in range(n_keys)]
+  words = []
+  for j in range(n_keys):
+    words += ["the", "pass", "key", labels[which[j]], "is"] + keys[j] + ["."]
+    words += filler(rng, int(rng.integers(0, KEY_GAP + 1)))
+  words += filler(rng, distance)
+  answers = []
+  for j in rng.permutation(n_keys):
+    words += ["what", "is", "the", "pass", "key", labels[which[j]], "?", "the", "pass", "key",
+              labels[which[j]], "is"]
+    answers += range(len(words), len(words) + digits)
+    words += keys[j] + ["."]
+  return " ".join(words), answers
+
+
+def multikey_overhead(digits, n_keys):
+  """Tokens of a multikey document besides its `distance` filler, at most (+ <|eod|>)."""
+  return n_keys * (6 + digits + KEY_GAP) + n_keys * (13 + digits) + 1
+
+
+def train_docs(task, rng, n_tokens, seq_len, key_digits=5, train_pairs=48, span=None,
+               n_keys=4):
   """Training documents of about `n_tokens` tokens, each shorter than `seq_len`; with
   a passkey `span` > `seq_len`, every other document is up to `span` tokens long
   (the rest stay within `seq_len`, where one window holds key and question)."""
@@ -168,6 +209,9 @@ def train_docs(task, rng, n_tokens, seq_len, key_digits=5, train_pairs=48, span=
       overhead = 24 + 2 * key_digits
       longest = span if span and span > seq_len and len(docs) % 2 else seq_len
       d = passkey_doc(rng, int(rng.integers(0, max(1, longest - overhead))), key_digits)
+    elif task == "multikey":
+      room = max(1, seq_len - multikey_overhead(key_digits, n_keys))
+      d, _ = multikey_doc(rng, int(rng.integers(0, room)), key_digits, n_keys, keys)
     else:
       hi = min(train_pairs, (seq_len - 4) // 4)
       d = mqar_doc(rng, int(rng.integers(2, hi + 1)), keys, values)
@@ -228,7 +272,7 @@ def arm_config(arm, stream, tok, tok_path, data_dir, seq_len, steps):
 # ------------------------------------------------------------------ evaluation
 
 
-def eval_set(task, x, tok, rng, examples, seq_len, key_digits=5):
+def eval_set(task, x, tok, rng, examples, seq_len, key_digits=5, n_keys=4):
   """(ids [N, T] right-padded to a multiple of `seq_len`, answer positions [N, A])
   of `examples` fresh examples at distance / number of pairs `x`."""
   keys, values = word_lists()
@@ -239,6 +283,10 @@ def eval_set(task, x, tok, rng, examples, seq_len, key_digits=5):
       ids = [eod] + tok.encode(passkey_doc(rng, x, key_digits)).ids
       n = len(ids)
       ans = list(range(n - 1 - key_digits, n - 1))
+    elif task == "multikey":
+      doc, ans = multikey_doc(rng, x, key_digits, n_keys, keys)
+      ids = [eod] + tok.encode(doc).ids
+      ans = [a + 1 for a in ans]   # after the <|eod|>
     else:
       ids = [eod] + tok.encode(mqar_doc(rng, x, keys, values)).ids
       n = len(ids)
@@ -253,10 +301,11 @@ def eval_set(task, x, tok, rng, examples, seq_len, key_digits=5):
   return ids_NT, np.asarray(answers, np.int32)
 
 
-def accuracy(model, variables, task, ids_NT, ans_NA, eod, seq_len, batch=16):
+def accuracy(model, variables, task, ids_NT, ans_NA, eod, seq_len, batch=16, key_digits=1):
   """Greedy answers scored in pieces of `seq_len` tokens, state carried: for
-  passkey the fraction of keys whose every digit is right, for MQAR the
-  fraction of queried values."""
+  passkey the fraction of keys whose every digit is right, for multikey the
+  fraction of asked keys (of `key_digits` digits each) whose every digit is
+  right, for MQAR the fraction of queried values."""
   L = seq_len
   N, T = ids_NT.shape
   cfg = getattr(model, "cfg", None)
@@ -282,6 +331,8 @@ def accuracy(model, variables, task, ids_NT, ans_NA, eod, seq_len, batch=16):
   ok_NA = np.take_along_axis(pred_NT, ans_NA - 1, 1) == np.take_along_axis(ids_NT, ans_NA, 1)
   if task == "passkey":
     return float(np.mean(np.all(ok_NA, axis=1)))   # exact match of the whole key
+  if task == "multikey":
+    return float(np.mean(np.all(ok_NA.reshape(len(ok_NA), -1, key_digits), axis=2)))
   return float(np.mean(ok_NA))                      # fraction of queries answered
 
 
@@ -318,14 +369,16 @@ def make_stream(data_dir, stream, tasks, seq_len, steps, stage, last):
   n_train = steps * FLAGS.batch * seq_len
   span = (FLAGS.train_span if last else 0) or seq_len
   tag = (f"{stream} seed={FLAGS.seed} seq_len={seq_len} tokens={n_train} "
-         f"key_digits={FLAGS.key_digits} train_pairs={FLAGS.train_pairs} span={span} mix=half")
+         f"key_digits={FLAGS.key_digits} train_pairs={FLAGS.train_pairs} span={span} mix=half"
+         + (f" keys={FLAGS.keys}" if "multikey" in tasks else ""))
   tag_path = os.path.join(data_dir, f"{name}.tag")
   if not os.path.isfile(tag_path) or open(tag_path).read() != tag:
     seed = [FLAGS.seed, len(tasks)] + ([] if last else [100 + stage])
     rng = np.random.default_rng(seed)
     for split, n in (("train", int(n_train * 1.1)), ("val", 8 * FLAGS.batch * seq_len)):
       docs = [d for task in tasks for d in train_docs(
-          task, rng, n // len(tasks), seq_len, FLAGS.key_digits, FLAGS.train_pairs, span)]
+          task, rng, n // len(tasks), seq_len, FLAGS.key_digits, FLAGS.train_pairs, span,
+          FLAGS.keys)]
       write_docs(os.path.join(data_dir, f"{name}_{split}.txt"),
                  [docs[i] for i in rng.permutation(len(docs))])
     workdir_lib.atomic_write(tag_path, tag)
@@ -352,12 +405,13 @@ def plot(path, results, tasks, arms):
       xs = sorted(results[task][arm], key=int)
       ax.plot([int(x) for x in xs], [results[task][arm][x] for x in xs],
               "x:" if arm.endswith("/read_off") else "o-", label=arm)
-    if task == "passkey":
+    if task in ("passkey", "multikey"):
       ax.set_xscale("log", base=2)
       ax.axvline(FLAGS.seq_len, color="gray", linestyle="--", label="training length")
-      ax.set_xlabel("distance from key to question (tokens)")
+      ax.set_xlabel("distance from the last key to the first question (tokens)")
       ax.set_ylabel("exact-match accuracy")
-      ax.set_title(f"Passkey ({FLAGS.key_digits} digits)")
+      ax.set_title(f"Passkey ({FLAGS.key_digits} digits)" if task == "passkey" else
+                   f"{FLAGS.keys} labelled keys ({FLAGS.key_digits} digits each)")
     else:
       ax.set_xlabel("key-value pairs")
       ax.set_ylabel("fraction of queries answered")
@@ -379,14 +433,22 @@ def main(argv):
   for a in arms:
     if a not in ARMS:
       raise UsageError(f"--arms: unknown arm {a!r}; use {', '.join(ARMS)}")
-  xs = {"passkey": [int(x) for x in FLAGS.distances], "mqar": [int(x) for x in FLAGS.pairs]}
+  distances = [int(x) for x in FLAGS.distances]
+  xs = {"passkey": distances, "multikey": distances, "mqar": [int(x) for x in FLAGS.pairs]}
   if "mqar" in tasks and not all(1 <= x <= N_WORDS for x in xs["mqar"]):
     raise UsageError(f"--pairs: each must be in 1..{N_WORDS} (the key vocabulary)")
   if FLAGS.eval_mem_slots < 0:
     raise UsageError("--eval_mem_slots must be >= 0 (0: score only the trained memory size)")
-  if not all(x >= 0 for x in xs["passkey"]) or FLAGS.key_digits < 1:
+  if not all(x >= 0 for x in distances) or FLAGS.key_digits < 1:
     raise UsageError("--distances must be >= 0 and --key_digits >= 1")
   stages = parse_curriculum(FLAGS.curriculum) + [(FLAGS.seq_len, FLAGS.steps)]
+  if "multikey" in tasks:
+    if not 1 <= FLAGS.keys <= N_WORDS:
+      raise UsageError(f"--keys must be in 1..{N_WORDS} (the label vocabulary)")
+    need = multikey_overhead(FLAGS.key_digits, FLAGS.keys) + 1
+    if min(n for n, _ in stages) < need:
+      raise UsageError(f"--keys={FLAGS.keys} with --key_digits={FLAGS.key_digits} needs a "
+                       f"training length of at least {need} tokens (--seq_len, --curriculum)")
   out = FLAGS.out
   data_dir = os.path.join(out, "data")
   os.makedirs(data_dir, exist_ok=True)
@@ -399,7 +461,7 @@ def main(argv):
              for i, (seq_len, steps) in enumerate(stages)]
   n_train = sum(FLAGS.batch * seq_len * steps for seq_len, steps in stages)
   sets = {task: {x: eval_set(task, x, tok, rng_eval[task], FLAGS.examples, FLAGS.seq_len,
-                             FLAGS.key_digits) for x in xs[task]} for task in tasks}
+                             FLAGS.key_digits, FLAGS.keys) for x in xs[task]} for task in tasks}
   plan = " then ".join(f"{steps} steps of {FLAGS.batch} x {seq_len}" for seq_len, steps in stages)
   print(f"recall: tasks {', '.join(tasks)} (one training stream); arms {', '.join(arms)}; "
         f"{plan} = {n_train:,} training tokens per arm; vocabulary {tok.get_vocab_size()}; "
@@ -432,7 +494,8 @@ def main(argv):
     for name, (m, v) in evaluated.items():
       for task in tasks:
         results[task][name] = {str(x): accuracy(m, v, task, *sets[task][x], eod,
-                                                FLAGS.seq_len) for x in xs[task]}
+                                                FLAGS.seq_len, key_digits=FLAGS.key_digits)
+                               for x in xs[task]}
     info[arm] = {"params": models.count_params(models.param_shapes(model)),
                  "val_loss": r.val_losses[-1][1] if r.val_losses else float("nan"),
                  "train_s": train_s}
@@ -444,9 +507,10 @@ def main(argv):
           for task in tasks), flush=True)
   columns = list(results[tasks[0]])
   for task in tasks:
-    label = "distance" if task == "passkey" else "pairs"
-    what = ("exact-match accuracy of the key" if task == "passkey"
-            else "fraction of queries answered")
+    label = "pairs" if task == "mqar" else "distance"
+    what = {"passkey": "exact-match accuracy of the key",
+            "multikey": f"fraction of the {FLAGS.keys} keys given exactly",
+            "mqar": "fraction of queries answered"}[task]
     print(f"\n{task}: {what} by {label} (training length {FLAGS.seq_len})")
     print(f"{label:>10}  " + "  ".join(f"{a:>17}" for a in columns))
     for x in xs[task]:

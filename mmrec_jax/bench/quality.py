@@ -2,7 +2,7 @@
 and does its long-term memory pay?
 
     python -m mmrec_jax.bench.quality [--data=PATH --val_data=PATH] [--tokens=2000000]
-        [--seq_len=1024] [--seeds=0,1] [--out=runs/quality] [--json]
+        [--seq_len=1024] [--seeds=0,1] [--carry_state] [--out=runs/quality] [--json]
 
 Trains three arms with the project's own trainer on the same data order,
 tokenizer (trained once, shared), number of tokens and seeds: MM-Rec tiny,
@@ -48,6 +48,9 @@ flags.DEFINE_integer("evals", 5, "Held-out evaluations during training.")
 flags.DEFINE_integer("eval_batches", 16, "Validation batches per evaluation (0: all).")
 flags.DEFINE_integer("long", 4, "Loss by position up to this many training lengths.")
 flags.DEFINE_integer("max_docs", 32, "Documents (the longest) for the loss by position.")
+flags.DEFINE_bool("carry_state", False, "Train the MM-Rec arms with train.carry_state (each "
+                  "row's state carried from one window to the next, so a long document is "
+                  "seen whole; the Transformer arm trains without).")
 flags.DEFINE_string("out", "runs/quality", "Output folder (one workdir per arm and seed).")
 flags.DEFINE_bool("json", False, "Print the results as one JSON object on the last line.")
 FLAGS = flags.FLAGS
@@ -66,6 +69,7 @@ def arm_config(arm, seed, steps, tokenizer_path):
   t.eval_every = max(1, steps // FLAGS.evals)
   t.eval_batches = FLAGS.eval_batches
   t.samples = 0
+  t.carry_state = FLAGS.carry_state and c.model.kind == "mmrec"
   c.checkpoint.every = steps
   return config_lib.validate(c)
 
@@ -91,12 +95,15 @@ def main(argv):
   print(f"quality: {len(FLAGS.arms)} arms x {len(seeds)} seeds, {steps} steps of "
         f"{FLAGS.batch} x {FLAGS.seq_len} = {steps * FLAGS.batch * FLAGS.seq_len:,} training tokens "
         f"per arm; data: {FLAGS.data or 'built-in corpus'}; held-out: "
-        f"{FLAGS.val_data or 'hash split'} ({len(val_tokens):,} tokens)", flush=True)
+        f"{FLAGS.val_data or 'hash split'} ({len(val_tokens):,} tokens)"
+        + ("; MM-Rec arms carry their state across windows" if FLAGS.carry_state else ""),
+        flush=True)
   res = {}
   for arm in FLAGS.arms:
     for seed in seeds:
       c = arm_config(arm, seed, steps, tok_path)
-      workdir = os.path.join(FLAGS.out, f"{arm}_seed{seed}")
+      carried = "_carry" if c.train.carry_state else ""   # never reuse a run trained otherwise
+      workdir = os.path.join(FLAGS.out, f"{arm}_seed{seed}{carried}")
       t0 = time.time()
       r = bench.train_arm(c, workdir)
       recs = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -120,7 +127,8 @@ def report(res, steps):
   print("\nheld-out loss / bits per byte (mean ± half-range over seeds)")
   evals = [s for s, _, _ in next(iter(res.values()))[0]["val"]]
   print(f"{'tokens':>10}  " + "  ".join(f"{arm:>26}" for arm in res))
-  out = {"tokens_per_arm": steps * tokens_per_step, "seq_len": FLAGS.seq_len, "arms": {}}
+  out = {"tokens_per_arm": steps * tokens_per_step, "seq_len": FLAGS.seq_len,
+         "carry_state": FLAGS.carry_state, "arms": {}}
   for i, step in enumerate(evals):
     cells = []
     for arm, runs in res.items():

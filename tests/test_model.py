@@ -126,6 +126,27 @@ def test_every_parameter_gets_a_gradient(all_on):
   assert (np.abs(moe).reshape(moe.shape[0] * moe.shape[1], -1).max(1) > 0).all()
 
 
+def test_a_zero_read_out_starts_the_memory_as_a_no_op_that_training_opens():
+  cfg = M.MMRecConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, chunk_size=4,
+                      mem_slots=2, mem_levels=2, mem_out_init=0.0)
+  model = M.MMRec(cfg)
+  params = nn.unbox(models.init_params(model, jax.random.key(0)))
+  toks = _tokens(2, 24, seed=3)
+
+  def loss(p):
+    lo, _, _ = model.apply({"params": p}, toks[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lo), toks[:, 1:, None], -1))
+
+  grads = jax.grad(loss)(params)["blocks"]["memory"]
+  flat = {jax.tree_util.keystr(p): np.asarray(g)
+          for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+  # only the read-out learns at step 0; what is written and how it is read follow
+  assert np.abs(flat["['out']['kernel']"]).max() > 0
+  assert all(not g.any() for k, g in flat.items() if not k.startswith("['out']")), flat.keys()
+  with pytest.raises(Exception, match="mem_out_init"):
+    models.build(dict(cfg.__dict__, mem_out_init=-1.0))
+
+
 def test_options_off_create_no_parameters():
   off = M.MMRec(ALL_ON.replace(use_dpg=False, use_moe=False, use_uboo=False))
   names = {jax.tree_util.keystr(p) for p, _ in

@@ -21,6 +21,8 @@ ARMS = {
     # the same, its read's logits scaled by log(slots seen) (see README, Recall)
     "mmrec_c16logn": ("configs/tiny.py", {"chunk_size": 16, "mem_levels": 5,
                                           "mem_read_logn": True}),
+    # MM-Rec tiny with its memory's read-out initialised at zero (see README, Quality)
+    "mmrec_zr": ("configs/tiny.py", {"mem_out_init": 0.0}),
     "transformer": ("configs/baselines/transformer_tiny.py", {}),
 }
 

@@ -26,6 +26,9 @@ def logical(init, *axes):
 
 
 def scaled(scale=1.0):
+  """Truncated normal of variance scale / fan_in; zeros when `scale` is 0."""
+  if scale == 0:
+    return nn.initializers.zeros
   return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
 
 

@@ -62,6 +62,10 @@ class MMRecConfig(base.BaseConfig):
   # margin learned among the few slots of a training window keeps its weight
   # among the many slots of a longer document.
   mem_read_logn: bool = False
+  # Initialisation scale of the memory's read-out projection (`memory/out`): 0 starts
+  # the memory as an exact no-op that training opens (only `out` gets a gradient at
+  # step 0; every other memory weight follows once `out` is non-zero).
+  mem_out_init: float = 1.0
   scan_impl: str = "auto"        # auto | associative | sequential | chunked
   scan_chunk: int = 64           # chunk length of the `chunked` scan
   # MDI: the per-channel decays at init span [decay_min, decay_max] (timescales
@@ -86,6 +90,9 @@ class MMRecConfig(base.BaseConfig):
                f"{self.mem_levels!r}")
     base.check(self.mem_pool in MEM_POOLS, f"model.mem_pool={self.mem_pool!r} is unknown; use "
                f"one of {', '.join(MEM_POOLS)}")
+    base.check(isinstance(self.mem_out_init, (int, float)) and self.mem_out_init >= 0,
+               f"model.mem_out_init must be a number >= 0 (0: the memory's read-out starts at "
+               f"zero), got {self.mem_out_init!r}")
     base.positive_ints(self, ("chunk_size", "mem_slots", "scan_chunk",
                               "mdi_hidden_div"))
     base.check(self.d_model % self.mdi_hidden_div == 0,
@@ -238,7 +245,7 @@ class HDSMemory(nn.Module):
     summary = dense(D, ("embed", "kv"), cfg, "summary")
     key = dense(D, ("kv", "kv_out"), cfg, "key")
     value = dense(D, ("kv", "kv_out"), cfg, "value")
-    out = dense(D, ("kv", "embed"), cfg, "out")
+    out = dense(D, ("kv", "embed"), cfg, "out", init_scale=cfg.mem_out_init)
     scale_H = (self.param("read_scale", logical(nn.initializers.ones, "heads"), (H,),
                           cfg.params_dtype).astype(jnp.float32) if cfg.mem_qk_norm else None)
     # Learned pooling: a per-token weight (see `mem_pool`); the summary is the weighted mean.

@@ -60,7 +60,6 @@ from ml_collections import config_flags  # noqa: E402
 
 from mmrec_jax import cli  # noqa: E402
 from mmrec_jax import config as config_lib  # noqa: E402
-from mmrec_jax import loss as loss_lib  # noqa: E402
 from mmrec_jax import sharding as shard_lib  # noqa: E402
 from mmrec_jax import train_state as ts_lib  # noqa: E402
 from mmrec_jax.errors import ConfigError, UsageError  # noqa: E402

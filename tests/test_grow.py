@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from flax import traverse_util
 
 from mmrec_jax import grow
 from mmrec_jax import models

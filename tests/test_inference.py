@@ -51,7 +51,7 @@ def workdir(tmp_path_factory):
   c.data.path = str(root / "corpus.txt")
   c.data.val_fraction = 0.2
   wd = str(root / "run")
-  tok = data.get_tokenizer(c, wd)
+  data.get_tokenizer(c, wd)   # the run directory needs its tokenizer
   model = models.build(c.model)
   mngr = ckpt_lib.make_manager(wd, keep=2, async_save=False)
   for step, val_loss in ((1, 2.0), (2, 3.0)):

@@ -410,7 +410,8 @@ def plot(path, results, tasks, arms):
     if task in ("passkey", "multikey"):
       ax.set_xscale("log", base=2)
       ax.axvline(FLAGS.seq_len, color="gray", linestyle="--", label="training length")
-      ax.set_xlabel("distance from the last key to the first question (tokens)")
+      ax.set_xlabel("distance from key to question (tokens)" if task == "passkey" else
+                    "distance from the last key to the first question (tokens)")
       ax.set_ylabel("exact-match accuracy")
       ax.set_title(f"Passkey ({FLAGS.key_digits} digits)" if task == "passkey" else
                    f"{FLAGS.keys} labelled keys ({FLAGS.key_digits} digits each)")

@@ -150,6 +150,9 @@ def inexact_reasons(small, big):
     if small.mem_read_logn != big.mem_read_logn:
       r.append(f"model.mem_read_logn switched {'off' if small.mem_read_logn else 'on'} "
                "(another read function)")
+    if small.mem_sink != big.mem_sink:
+      r.append(f"model.mem_sink switched {'off' if small.mem_sink else 'on'} "
+               "(another read function)")
     if small.mem_pool != big.mem_pool:
       r.append(f"model.mem_pool changes ({small.mem_pool} -> {big.mem_pool}; another pooling)")
     if small.use_dpg != big.use_dpg:

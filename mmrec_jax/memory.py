@@ -160,19 +160,31 @@ def run_writes(mem0, kv_KX, mass_K, valid_K, clear_K):
   return snaps, final
 
 
-def _masked_softmax(logits, mask, axes, logn=False):
-  """Softmax over `axes` of the entries `mask` keeps; all zeros where it keeps none.
-  With `logn`, the logits are first multiplied by log(n), n the number of entries
-  kept (scalable softmax): the weight a fixed logit margin gives the best entry
-  then does not fall as more entries compete, so a read trained on a few slots
-  still finds its slot among many."""
+def _masked_softmax(logits, mask, axes, logn=False, sink=None):
+  """(weights, sink weight): softmax over `axes` of the entries `mask` keeps; all
+  zeros where it keeps none. With `logn`, the logits are first multiplied by
+  log(n), n the number of entries kept (scalable softmax): the weight a fixed
+  logit margin gives the best entry then does not fall as more entries compete,
+  so a read trained on a few slots still finds its slot among many. `sink`
+  (broadcastable to the logits reduced over `axes`, dims kept): the logit of
+  one more entry, always there; its weight is returned beside the others' (None
+  without a sink), and it takes all the weight when `mask` keeps nothing."""
   if logn:
     n = jnp.sum(mask, axis=axes, keepdims=True).astype(jnp.float32)
-    logits = logits * jnp.log(jnp.maximum(n, 1.0))
+    factor = jnp.log(jnp.maximum(n, 1.0))
+    logits = logits * factor
+    sink = None if sink is None else sink * factor
   logits = jnp.where(mask, logits, -1e30)
   mx = jnp.max(logits, axis=axes, keepdims=True)
+  if sink is not None:
+    mx = jnp.maximum(mx, sink)
   p = jnp.where(mask, jnp.exp(logits - mx), 0.0)
-  return p / jnp.maximum(jnp.sum(p, axis=axes, keepdims=True), 1e-30)
+  denom = jnp.sum(p, axis=axes, keepdims=True)
+  if sink is None:
+    return p / jnp.maximum(denom, 1e-30), None
+  p_sink = jnp.exp(sink - mx)
+  denom = denom + p_sink
+  return p / denom, p_sink / denom
 
 
 def _unit(x_Hd):
@@ -190,11 +202,13 @@ def _normalise(q_Hd, keys_Hd, scale_H):
   return _unit(q_Hd) * scale_H.astype(q_Hd.dtype)[:, None], _unit(keys_Hd)
 
 
-def read(mem, q_Hd, cleared, scale_H=None, logn=False):
+def read(mem, q_Hd, cleared, scale_H=None, logn=False, sink=None):
   """One token's read (decoding): multi-head attention over the readable slots of
   `mem`, the memory before the token; nothing if `cleared` (its document starts
-  here). `scale_H`: see `_normalise`; `logn`: see `_masked_softmax`. Returns
-  [H, hd] float32, zeros from an empty memory."""
+  here). `scale_H`: see `_normalise`; `logn`: see `_masked_softmax`. `sink`:
+  None, or (logit [H], value [H, hd]) of a null slot every read also sees (an
+  attention sink with a learned value): an empty memory then reads its value.
+  Returns [H, hd] float32; without a sink, zeros from an empty memory."""
   H, hd = q_Hd.shape
   m_MX, valid_M = readable(mem)
   keys_MHd = m_MX[:, :H * hd].astype(q_Hd.dtype).reshape(-1, H, hd)
@@ -202,19 +216,21 @@ def read(mem, q_Hd, cleared, scale_H=None, logn=False):
   q_Hd, keys_MHd = _normalise(q_Hd, keys_MHd, scale_H)
   logits_HM = jnp.einsum("hd,mhd->hm", q_Hd, keys_MHd,
                          preferred_element_type=jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
-  p_HM = _masked_softmax(logits_HM, (valid_M & ~cleared)[None, :], -1, logn)
-  return jnp.einsum("hm,mhd->hd", p_HM.astype(vals_MHd.dtype), vals_MHd,
-                    preferred_element_type=jnp.float32)
+  p_HM, ps_H1 = _masked_softmax(logits_HM, (valid_M & ~cleared)[None, :], -1, logn,
+                                None if sink is None else sink[0][:, None])
+  out_Hd = jnp.einsum("hm,mhd->hd", p_HM.astype(vals_MHd.dtype), vals_MHd,
+                      preferred_element_type=jnp.float32)
+  return out_Hd if sink is None else out_Hd + ps_H1 * sink[1]
 
 
 def attend(q_THd, keys_KMHd, values_KMHd, valid_KM, k_T, cleared_T, window, scale_H=None,
-           logn=False):
+           logn=False, sink=None):
   """Each token attends to the memory snapshot it may see (multi-head).
 
   Tokens are taken in windows of at most C consecutive positions; a window
   holds at most one chunk end, so its tokens see one of two snapshots.
-  `scale_H`: see `_normalise`; `logn`: see `_masked_softmax`. Returns [T, H, hd]
-  float32; an empty memory reads as zeros.
+  `scale_H`: see `_normalise`; `logn`, `sink`: see `read`. Returns [T, H, hd]
+  float32; without a sink, an empty memory reads as zeros.
   """
   T, H, hd = q_THd.shape
   q_THd, keys_KMHd = _normalise(q_THd, keys_KMHd, scale_H)
@@ -237,7 +253,10 @@ def attend(q_THd, keys_KMHd, values_KMHd, valid_KM, k_T, cleared_T, window, scal
   sel_NW2 = (k_NW - lo_N[:, None])[..., None] == jnp.arange(2)
   mask = (sel_NW2[:, :, None, :, None] & ok_N2M[:, None, None, :, :]
           & ~cleared_T.reshape(n, window)[:, :, None, None, None])
-  p = _masked_softmax(logits, mask, (-2, -1), logn)
+  p, ps = _masked_softmax(logits, mask, (-2, -1), logn,
+                          None if sink is None else sink[0][:, None, None])
   out_NWHd = jnp.einsum("nwhjm,njmhd->nwhd", p.astype(vv_N2MHd.dtype), vv_N2MHd,
                         preferred_element_type=jnp.float32)
+  if sink is not None:
+    out_NWHd = out_NWHd + ps[..., 0, 0, None] * sink[1]
   return out_NWHd.reshape(n * window, H, hd)[:T]

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from flax import traverse_util
 
 from mmrec_jax import grow
 from mmrec_jax import models
@@ -22,7 +23,7 @@ TOL = 1e-4
 BASE = dict(vocab_size=64, d_model=16, n_layers=2, n_heads=2, chunk_size=4, mem_slots=2,
             mem_levels=2, scan_layers=False)
 OPTS = dict(use_moe=True, moe_experts=2, use_uboo=True, use_dpg=True,  # every option on
-            mem_qk_norm=True, mem_pool="exp", mem_read_logn=True)
+            mem_qk_norm=True, mem_pool="exp", mem_read_logn=True, mem_sink=True)
 SMALL = dict(BASE, **OPTS)
 BIG = dict(SMALL, d_model=32, n_heads=4, n_layers=3, vocab_size=96)
 
@@ -38,7 +39,14 @@ def logits_fn(c):
 
 @functools.lru_cache(maxsize=None)
 def params_of(c):
-  return nn.unbox(models.init_params(models.build(c), jax.random.key(0)))
+  """Fresh parameters; the memory's sink logits and null value (zeros at init) set
+  to distinct values, so that growth must carry them to the right heads and dims."""
+  p = traverse_util.flatten_dict(nn.unbox(models.init_params(models.build(c),
+                                                             jax.random.key(0))), sep="/")
+  for k, v in p.items():
+    if k.endswith(("memory/read_sink", "memory/read_null")):
+      p[k] = jnp.linspace(-1.0, 1.0, v.size, dtype=v.dtype).reshape(v.shape)
+  return traverse_util.unflatten_dict(p, sep="/")
 
 
 def tokens(V=64):
@@ -180,6 +188,7 @@ def test_mesh_of_8_devices_gives_the_same_params():
     (dict(mem_qk_norm=False), "mem_qk_norm switched off"),
     (dict(mem_pool="sigmoid"), "mem_pool changes"),
     (dict(mem_read_logn=False), "mem_read_logn switched off"),
+    (dict(mem_sink=False), "mem_sink switched off"),
     (dict(chunk_size=8), "memory geometry model.chunk_size"),
     (dict(mem_levels=3), "memory geometry model.mem_levels"),
 ])

@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ V = 64
 ALL_ON = M.MMRecConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, chunk_size=4,
                        mem_slots=2, mem_levels=3, use_dpg=True, dpg_rank=4, use_moe=True, moe_experts=4,
                        use_uboo=True, dropout=0.1, mem_qk_norm=True,
-                       mem_pool="exp", mem_read_logn=True)
+                       mem_pool="exp", mem_read_logn=True, mem_sink=True)
 
 
 @pytest.fixture(scope="module")
@@ -286,3 +287,42 @@ def test_read_options_change_only_what_reads_the_memory(change, same):
   d_T = jnp.abs(a - b).max(axis=(0, 2))
   assert float(d_T[:same].max()) == 0.0
   assert float(d_T[same:].min()) > 1e-6
+
+
+def test_the_sink_lets_the_read_abstain_and_an_empty_memory_reads_its_value():
+  """`mem_sink`: with its logit very negative the read is exactly the read without
+  a sink, except where the memory is empty (before the first chunk ends: chunks
+  of 4), which reads the null value; with its logit high every token reads (almost)
+  only the null value; at init (zeros) the read differs from the first slot
+  written on, and not before."""
+  base = dict(vocab_size=V, d_model=16, n_layers=1, n_heads=2, chunk_size=4, mem_slots=2,
+              mem_levels=2)
+  ref, alt = M.MMRec(M.MMRecConfig(**base)), M.MMRec(M.MMRecConfig(**base, mem_sink=True))
+  params = nn.unbox(models.init_params(ref, jax.random.key(0)))
+  flat = flax.traverse_util.flatten_dict(nn.unbox(models.init_params(alt, jax.random.key(0))),
+                                         sep="/")
+  sinks = [k for k in flat if k.endswith(("memory/read_sink", "memory/read_null"))]
+  assert len(sinks) == 2 and all(not flat[k].any() for k in sinks)   # zeros at init
+
+  def with_sink(logit, null):
+    f = dict(flat)
+    for k in sinks:
+      f[k] = jnp.full_like(f[k], logit if k.endswith("read_sink") else null)
+    return flax.traverse_util.unflatten_dict(f, sep="/")
+
+  def read_out_zeroed(p):
+    f = flax.traverse_util.flatten_dict(p, sep="/")
+    return flax.traverse_util.unflatten_dict(
+        {k: (jnp.zeros_like(v) if "memory/out" in k else v) for k, v in f.items()}, sep="/")
+
+  toks = _tokens(1, 16, seed=5)
+  a = ref.apply({"params": params}, toks)[0]
+  np.testing.assert_array_equal(alt.apply({"params": with_sink(-1e4, 0.0)}, toks)[0], a)
+  d_T = jnp.abs(alt.apply({"params": with_sink(0.0, 0.0)}, toks)[0] - a).max(axis=(0, 2))
+  assert float(d_T[:4].max()) == 0.0 and float(d_T[4:].min()) > 1e-6
+  # an empty memory reads the null value; a written one, with the sink closed, does not
+  d_T = jnp.abs(alt.apply({"params": with_sink(-1e4, 0.5)}, toks)[0] - a).max(axis=(0, 2))
+  assert float(d_T[:4].min()) > 1e-6 and float(d_T[4:].max()) == 0.0
+  # an open sink: every token reads the null value (zero: nothing)
+  np.testing.assert_allclose(alt.apply({"params": with_sink(40.0, 0.0)}, toks)[0],
+                             ref.apply({"params": read_out_zeroed(params)}, toks)[0], atol=1e-5)

@@ -23,6 +23,8 @@ ARMS = {
                                           "mem_read_logn": True}),
     # MM-Rec tiny with its memory's read-out initialised at zero (see README, Quality)
     "mmrec_zr": ("configs/tiny.py", {"mem_out_init": 0.0}),
+    # MM-Rec tiny whose read may abstain (an attention sink, `mem_sink`; README, Quality)
+    "mmrec_sink": ("configs/tiny.py", {"mem_sink": True}),
     "transformer": ("configs/baselines/transformer_tiny.py", {}),
 }
 

@@ -62,6 +62,11 @@ class MMRecConfig(base.BaseConfig):
   # margin learned among the few slots of a training window keeps its weight
   # among the many slots of a longer document.
   mem_read_logn: bool = False
+  # A null slot every read also sees (an attention sink): a learned logit per head
+  # and a learned value (both zero at init). A token that finds nothing relevant
+  # reads the null value instead of a mixture of summaries, and an empty memory
+  # (the first chunk of a document) reads it too, not zeros it never reads later.
+  mem_sink: bool = False
   # Initialisation scale of the memory's read-out projection (`memory/out`): 0 starts
   # the memory as an exact no-op that training opens (only `out` gets a gradient at
   # step 0; every other memory weight follows once `out` is non-zero).
@@ -248,6 +253,13 @@ class HDSMemory(nn.Module):
     out = dense(D, ("kv", "embed"), cfg, "out", init_scale=cfg.mem_out_init)
     scale_H = (self.param("read_scale", logical(nn.initializers.ones, "heads"), (H,),
                           cfg.params_dtype).astype(jnp.float32) if cfg.mem_qk_norm else None)
+    sink = None
+    if cfg.mem_sink:
+      logit_H = self.param("read_sink", logical(nn.initializers.zeros, "heads"), (H,),
+                           cfg.params_dtype)
+      value_D = self.param("read_null", logical(nn.initializers.zeros, "kv_out"), (D,),
+                           cfg.params_dtype)
+      sink = (logit_H.astype(jnp.float32), value_D.astype(jnp.float32).reshape(H, D // H))
     # Learned pooling: a per-token weight (see `mem_pool`); the summary is the weighted mean.
     score_BT = dense(1, ("embed", None), cfg, "pool", use_bias=True)(
         h_BTD.astype(dt))[..., 0].astype(jnp.float32)
@@ -262,7 +274,7 @@ class HDSMemory(nn.Module):
 
     if T == 1 and not self.is_initializing():
       return _decode_one(cfg, h_BTD[:, 0], q_BTD[:, 0], w_BT[:, 0], reset_BT[:, 0], state,
-                         summarise_kv, out, scale_H)
+                         summarise_kv, out, scale_H, sink)
 
     pos_BT, last_reset_BT = jax.vmap(mem_lib.positions)(state.pos, reset_BT)
     start_BT = pos_BT % cfg.chunk_size == 0
@@ -293,9 +305,9 @@ class HDSMemory(nn.Module):
     keys = m_BKMX[..., :D].astype(dt).reshape(B, K1, M, H, D // H)
     vals = m_BKMX[..., D:].astype(dt).reshape(B, K1, M, H, D // H)
     window = min(cfg.chunk_size, T)
-    read_BTHd = jax.vmap(mem_lib.attend, in_axes=(0, 0, 0, 0, 0, 0, None, None, None))(
+    read_BTHd = jax.vmap(mem_lib.attend, in_axes=(0, 0, 0, 0, 0, 0, None, None, None, None))(
         q_BTD.reshape(B, T, H, D // H), keys, vals, valid_BKM, k_BT, cleared_BT, window, scale_H,
-        cfg.mem_read_logn)
+        cfg.mem_read_logn, sink)
     out_BTD = out(read_BTHd.reshape(B, T, D).astype(dt))
 
     # The state after the last token.
@@ -307,7 +319,7 @@ class HDSMemory(nn.Module):
     return out_BTD, (final, pos_BT[:, -1] + 1, last_acc_BX[:, :D], last_acc_BX[:, D])
 
 
-def _decode_one(cfg, h_BD, q_BD, w_B, reset_B, state, summarise_kv, out, scale_H):
+def _decode_one(cfg, h_BD, q_BD, w_B, reset_B, state, summarise_kv, out, scale_H, sink):
   """`HDSMemory` for one token (T = 1): the same numbers as the general path,
   without its chunk bookkeeping; a chunk's summary is computed and written
   (`lax.cond`) only at steps where some row ends a chunk, once every C tokens."""
@@ -319,8 +331,8 @@ def _decode_one(cfg, h_BD, q_BD, w_B, reset_B, state, summarise_kv, out, scale_H
   acc_BX = (jnp.concatenate([w_B[:, None] * h_BD, w_B[:, None]], axis=-1)
             + jnp.where((pos_B % cfg.chunk_size == 0)[:, None], 0.0, carry_BX))
   # The token reads the memory as it was before it (nothing after a document start).
-  read_BHd = jax.vmap(mem_lib.read, in_axes=(0, 0, 0, None, None))(
-      state.memory, q_BD.reshape(B, H, D // H), reset_B, scale_H, cfg.mem_read_logn)
+  read_BHd = jax.vmap(mem_lib.read, in_axes=(0, 0, 0, None, None, None))(
+      state.memory, q_BD.reshape(B, H, D // H), reset_B, scale_H, cfg.mem_read_logn, sink)
   out_BD = out(read_BHd.reshape(B, D).astype(cfg.compute_dtype))
 
   # A document start empties the memory; a chunk end writes the chunk's summary.

@@ -42,7 +42,8 @@ memory?) and, with `--eval_mem_slots=N`, with N slots per level
 evaluation sequence), and optionally `mmrec_bigmem` (16 slots per level) and
 the memory probes of the README's Recall section (`mmrec_c16`: chunks of 16
 tokens; `_qk`: `mem_qk_norm`; `_exp`: `mem_pool="exp"`; `_logn`:
-`mem_read_logn`; `_zr`: `mem_out_init=0`; `mmrec_c8`, `mmrec_c16s2`).
+`mem_read_logn`; `_zr`: `mem_out_init=0`; `_sink`: `mem_sink`; `mmrec_c8`,
+`mmrec_c16s2`).
 Every arm uses the task tokenizer (one BPE trained on the generated text, each
 word one token), so `model.vocab_size` is that tokenizer's size.
 
@@ -88,6 +89,8 @@ ARMS = dict(
     mmrec_c16qkexp=("configs/tiny.py", dict(_C16, mem_qk_norm=True, mem_pool="exp")),
     # the best read setting with its read-out initialised at zero (`mem_out_init`)
     mmrec_c16logn_zr=("configs/tiny.py", dict(bench.ARMS["mmrec_c16logn"][1], mem_out_init=0.0)),
+    # ... and with a null slot every read also sees (`mem_sink`)
+    mmrec_c16logn_sink=("configs/tiny.py", dict(bench.ARMS["mmrec_c16logn"][1], mem_sink=True)),
 )
 TASKS = ("passkey", "mqar", "multikey")
 FILLER = ("the grass is green . the sky is blue . the sun is yellow . here we go . "

@@ -12,6 +12,7 @@ import os
 import ml_collections
 
 from mmrec_jax import models
+from mmrec_jax import optimizer
 from mmrec_jax.errors import ConfigError  # pylint: disable=unused-import (re-exported)
 
 
@@ -45,6 +46,10 @@ def make_config(name, kind="mmrec", **model_fields):
   t.min_lr_ratio = 0.1
   t.warmup_steps = 100
   t.weight_decay = 0.1
+  # Per-module learning-rate factors, "NAME=FACTOR,...": every parameter under a
+  # module named NAME (e.g. memory, ffn, fused, embed) steps FACTOR times as far
+  # (its weight decay too). Empty: one learning rate for all.
+  t.lr_scales = ""
   t.b1 = 0.9
   t.b2 = 0.95
   t.grad_clip = 1.0
@@ -107,6 +112,7 @@ def validate(c):
   _check(t.samples >= 0 and t.sample_tokens >= 0,
          "train.samples and train.sample_tokens must be >= 0")
   _check(t.lr > 0, f"train.lr={t.lr} must be positive")
+  optimizer.parse_lr_scales(t.get("lr_scales", ""))
   _check(t.seq_len <= c.model.max_seq_len,
          f"train.seq_len={t.seq_len} exceeds model.max_seq_len={c.model.max_seq_len}")
   _check(t.batch_size % t.grad_accum == 0,

@@ -5,6 +5,8 @@ import jax
 import optax
 from flax import linen as nn
 
+from mmrec_jax.errors import ConfigError
+
 NO_DECAY_NAMES = frozenset({"scale", "bias", "lam"})
 
 
@@ -43,9 +45,63 @@ def decay_mask(params_boxed_or_plain):
       one, params_boxed_or_plain, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
-def make(tcfg, mask):
-  """The optax transformation: clip -> AdamW(schedule, masked decay)."""
+def parse_lr_scales(spec):
+  """`train.lr_scales` ("memory=0.1,ffn=0.5") as a dict {module name: factor}."""
+  out = {}
+  for item in filter(None, (p.strip() for p in str(spec or "").split(","))):
+    name, eq, value = item.partition("=")
+    try:
+      factor = float(value)
+    except ValueError:
+      factor = -1.0
+    if not eq or not name.strip() or factor < 0:
+      raise ConfigError(f"train.lr_scales: {item!r} is not NAME=FACTOR with a factor >= 0 "
+                        "(e.g. train.lr_scales=memory=0.1)")
+    out[name.strip()] = factor
+  return out
+
+
+def lr_scale_tree(params_boxed_or_plain, spec):
+  """Tree of floats matching the unboxed params: a parameter's learning-rate factor
+  is that of the innermost name on its path (modules, then the parameter's own
+  name) named in `spec` (1 when none is).
+  None when `spec` is empty; a name that matches no parameter is an error."""
+  scales = parse_lr_scales(spec)
+  if not scales:
+    return None
+  used = set()
+
+  def one(path, _):
+    names = [_key_name(k) for k in path]
+    for n in reversed(names):
+      if n in scales:
+        used.add(n)
+        return scales[n]
+    return 1.0
+  tree = jax.tree_util.tree_map_with_path(
+      one, params_boxed_or_plain, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  unknown = sorted(set(scales) - used)
+  if unknown:
+    raise ConfigError(f"train.lr_scales names {', '.join(map(repr, unknown))}, which no "
+                      "parameter's path contains; use module names such as memory, ffn, "
+                      "fused, embed (python -m mmrec_jax.params lists them)")
+  return tree
+
+
+def _scaled(inner, scales):
+  """`inner` with its updates multiplied leaf by leaf by `scales`. The state is
+  `inner`'s own, so a checkpoint resumes with or without the scales."""
+  def update(updates, state, params=None):
+    updates, state = inner.update(updates, state, params)
+    return jax.tree.map(lambda u, f: u if f == 1.0 else u * f, updates, scales), state
+  return optax.GradientTransformation(inner.init, update)
+
+
+def make(tcfg, mask, scales=None):
+  """The optax transformation: clip -> AdamW(schedule, masked decay), its steps
+  scaled per parameter by `scales` (from `lr_scale_tree`) when given."""
+  adamw = optax.adamw(lr_schedule(tcfg), b1=tcfg.b1, b2=tcfg.b2, eps=1e-8,
+                      weight_decay=tcfg.weight_decay, mask=mask)
   return optax.chain(
       optax.clip_by_global_norm(tcfg.grad_clip) if tcfg.grad_clip > 0 else optax.identity(),
-      optax.adamw(lr_schedule(tcfg), b1=tcfg.b1, b2=tcfg.b2, eps=1e-8,
-                  weight_decay=tcfg.weight_decay, mask=mask))
+      _scaled(adamw, scales) if scales is not None else adamw)

@@ -148,6 +148,35 @@ def test_a_zero_read_out_starts_the_memory_as_a_no_op_that_training_opens():
     models.build(dict(cfg.__dict__, mem_out_init=-1.0))
 
 
+def test_a_write_without_gradient_keeps_the_function_and_the_memorys_own_gradients():
+  cfg = M.MMRecConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, chunk_size=4,
+                      mem_slots=2, mem_levels=2)
+  toks = _tokens(2, 24, seed=4)
+  base = M.MMRec(cfg)
+  params = nn.unbox(models.init_params(base, jax.random.key(0)))
+
+  def grads_and_logits(c):
+    model = M.MMRec(c)
+
+    def loss(p):
+      lo, _, _ = model.apply({"params": p}, toks[:, :-1])
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lo), toks[:, 1:, None], -1)), lo
+    return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+  g_on, lo_on = grads_and_logits(cfg)
+  g_off, lo_off = grads_and_logits(M.MMRecConfig(**dict(cfg.__dict__, mem_write_grad=False)))
+  np.testing.assert_array_equal(np.asarray(lo_on), np.asarray(lo_off))
+  # what the memory's own weights learn is unchanged (they see the same values) ...
+  for (p, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(g_on["blocks"]["memory"])[0],
+                            jax.tree_util.tree_flatten_with_path(g_off["blocks"]["memory"])[0]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7,
+                               err_msg=jax.tree_util.keystr(p))
+  # ... but the recurrence below the write gets less gradient: only through its own output
+  k_on = np.asarray(g_on["blocks"]["fused"]["kernel"])
+  k_off = np.asarray(g_off["blocks"]["fused"]["kernel"])
+  assert np.abs(k_on - k_off).max() > 1e-3 * np.abs(k_on).max()
+
+
 def test_options_off_create_no_parameters():
   off = M.MMRec(ALL_ON.replace(use_dpg=False, use_moe=False, use_uboo=False))
   names = {jax.tree_util.keystr(p) for p, _ in

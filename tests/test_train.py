@@ -279,6 +279,44 @@ def test_bad_mesh_and_garbage_workdir_config_are_one_line_errors(corpus, tmp_pat
     assert len(err) == 1 and want in err[0], out[-2000:]
 
 
+def test_lr_scales_scale_a_modules_steps_and_keep_the_optimizer_state():
+  import ml_collections
+  from mmrec_jax.errors import ConfigError
+  t = ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=0, steps=10, min_lr_ratio=1.0,
+                                     b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0))
+  params = {"embed": np.ones((4, 3), np.float32),
+            "blocks": {"memory": {"out": {"kernel": np.full((3, 3), 2.0, np.float32)}},
+                       "ffn": {"kernel": np.full((3, 3), -1.0, np.float32)}}}
+  grads = jax.tree.map(lambda p: np.linspace(-1, 1, p.size, dtype=np.float32).reshape(p.shape),
+                       params)
+  mask = opt_lib.decay_mask(params)
+
+  def step(spec):
+    tx = opt_lib.make(t, mask, opt_lib.lr_scale_tree(params, spec))
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params)
+    return updates, state
+
+  plain, state_plain = step("")
+  half, state_half = step("memory=0.5")
+  frozen, _ = step("memory=0,embed=2")
+  np.testing.assert_allclose(half["blocks"]["memory"]["out"]["kernel"],
+                             0.5 * plain["blocks"]["memory"]["out"]["kernel"], rtol=1e-6)
+  np.testing.assert_array_equal(half["blocks"]["ffn"]["kernel"], plain["blocks"]["ffn"]["kernel"])
+  assert not np.asarray(frozen["blocks"]["memory"]["out"]["kernel"]).any()
+  np.testing.assert_allclose(frozen["embed"], 2 * plain["embed"], rtol=1e-6)
+  # the optimizer state is the same structure and values: a run resumes with or without
+  assert (jax.tree_util.tree_structure(state_half)
+          == jax.tree_util.tree_structure(state_plain))
+  for a, b in zip(jax.tree.leaves(state_half), jax.tree.leaves(state_plain)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ConfigError, match="no parameter's path contains"):
+    opt_lib.lr_scale_tree(params, "memroy=0.1")
+  for bad in ("memory", "memory=x", "memory=-1", "=0.5"):
+    with pytest.raises(ConfigError, match="NAME=FACTOR"):
+      opt_lib.parse_lr_scales(bad)
+
+
 def test_decay_mask_and_shardings():
   from flax import linen as nn
   box = lambda shape, names: nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, np.float32),

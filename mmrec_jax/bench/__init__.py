@@ -11,7 +11,7 @@ from mmrec_jax.errors import Interrupted
 _REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 
 # The arms the model-comparison benchmarks (quality, recall) train: a config file
-# and model overrides. MM-Rec tiny, the same without its long-term memory, and
+# and overrides (of `model.` fields; a dotted key such as "train.lr" names any field). MM-Rec tiny, the same without its long-term memory, and
 # the Transformer of the same size.
 ARMS = {
     "mmrec": ("configs/tiny.py", {}),
@@ -25,15 +25,24 @@ ARMS = {
     "mmrec_zr": ("configs/tiny.py", {"mem_out_init": 0.0}),
     # MM-Rec tiny whose read may abstain (an attention sink, `mem_sink`; README, Quality)
     "mmrec_sink": ("configs/tiny.py", {"mem_sink": True}),
+    # MM-Rec tiny whose memory writes pass no gradient into the recurrence (README, Quality)
+    "mmrec_wsg": ("configs/tiny.py", {"mem_write_grad": False}),
+    # MM-Rec tiny whose memory's weights learn at a tenth of the learning rate
+    "mmrec_memlr": ("configs/tiny.py", {"train.lr_scales": "memory=0.1"}),
     "transformer": ("configs/baselines/transformer_tiny.py", {}),
 }
 
 
 def load_arm(arm, arms=None):
   """The validated config of one arm (its file, with its model overrides applied)."""
-  path, model_overrides = (arms or ARMS)[arm]
+  path, overrides = (arms or ARMS)[arm]
   c = config_lib.load_config_file(os.path.join(_REPO, path))
-  c.model.update(model_overrides)
+  for key, value in overrides.items():
+    *section, field = ("model." + key if "." not in key else key).split(".")
+    node = c
+    for s in section:
+      node = node[s]
+    node[field] = value
   return c
 
 

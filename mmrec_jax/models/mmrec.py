@@ -71,6 +71,10 @@ class MMRecConfig(base.BaseConfig):
   # the memory as an exact no-op that training opens (only `out` gets a gradient at
   # step 0; every other memory weight follows once `out` is non-zero).
   mem_out_init: float = 1.0
+  # False: the memory writes the recurrence's output without passing gradient back
+  # into it (a stop-gradient on what is pooled); the memory's own weights still
+  # learn, and the function is the same. Reads still train the query.
+  mem_write_grad: bool = True
   scan_impl: str = "auto"        # auto | associative | sequential | chunked
   scan_chunk: int = 64           # chunk length of the `chunked` scan
   # MDI: the per-channel decays at init span [decay_min, decay_max] (timescales
@@ -247,6 +251,8 @@ class HDSMemory(nn.Module):
     B, T, D = h_BTD.shape
     H = cfg.n_heads
     dt = cfg.compute_dtype
+    if not cfg.mem_write_grad:
+      h_BTD = jax.lax.stop_gradient(h_BTD)
     summary = dense(D, ("embed", "kv"), cfg, "summary")
     key = dense(D, ("kv", "kv_out"), cfg, "key")
     value = dense(D, ("kv", "kv_out"), cfg, "value")

@@ -65,7 +65,7 @@ FIXED_AXES = ("expert", None)
 # Parameters (path suffixes under `blocks`) that write into the residual stream:
 # zeroed in an inserted block, which is then an exact identity.
 RESIDUAL_WRITERS = ("mix_out/kernel", "ffn/down/kernel", "ffn/down/bias", "moe/w_down",
-                    "moe/b_down")
+                    "moe/b_down")   # and memory/out/kernel with model.mem_residual
 # The norm whose output feeds the tied head (divided by the width's copy count).
 TIED_HEAD_NORM = "final_norm/scale"
 # The fused kernel whose slice 0 is the memory query (scaled by 1/sqrt(head growth)).
@@ -151,6 +151,9 @@ def inexact_reasons(small, big):
     if small.mem_read_logn != big.mem_read_logn:
       r.append(f"model.mem_read_logn switched {'off' if small.mem_read_logn else 'on'} "
                "(another read function)")
+    if small.mem_residual != big.mem_residual:
+      r.append(f"model.mem_residual switched {'off' if small.mem_residual else 'on'} "
+               "(the read enters elsewhere)")
     if small.mem_sink != big.mem_sink:
       r.append(f"model.mem_sink switched {'off' if small.mem_sink else 'on'} "
                "(another read function)")
@@ -222,7 +225,9 @@ def _grow_leaf(x, names, path, small, big, maps, key, noise):
     ax = dims.index("layers")
     src = np.array([s for s, _ in maps["layers"]])
     x = jnp.take(x, src, axis=ax)
-    if any(path.endswith("/" + w) or path == w for w in RESIDUAL_WRITERS):
+    writers = RESIDUAL_WRITERS + (("memory/out/kernel",) if getattr(big, "mem_residual", False)
+                                  else ())
+    if any(path.endswith("/" + w) or path == w for w in writers):
       keep = np.array([0.0 if new else 1.0 for _, new in maps["layers"]], np.float32)
       x = x * keep.reshape([-1 if i == ax else 1 for i in range(x.ndim)])
   # vocab

@@ -179,6 +179,16 @@ def test_mesh_of_8_devices_gives_the_same_params():
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
 
 
+def test_a_memory_read_on_its_own_residual_branch_grows_exactly():
+  """With `mem_residual` the read-out writes into the residual stream: an inserted
+  block must zero it too, and width growth must split it like the other writers."""
+  small = cfg(**dict(BASE, mem_residual=True))
+  big = cfg(**dict(BASE, mem_residual=True, d_model=32, n_layers=3))
+  p = params_of(small)
+  g = grow.grow_params(p, small, big, jax.random.key(3), noise=0.1)
+  assert_preserved(small, p, big, g)
+
+
 @pytest.mark.parametrize("change,match", [
     (dict(d_model=8), "d_model shrinks"),
     (dict(d_model=24, n_heads=2), "not an integer multiple"),
@@ -189,6 +199,7 @@ def test_mesh_of_8_devices_gives_the_same_params():
     (dict(mem_pool="sigmoid"), "mem_pool changes"),
     (dict(mem_read_logn=False), "mem_read_logn switched off"),
     (dict(mem_sink=False), "mem_sink switched off"),
+    (dict(mem_residual=True), "mem_residual switched on"),
     (dict(chunk_size=8), "memory geometry model.chunk_size"),
     (dict(mem_levels=3), "memory geometry model.mem_levels"),
 ])

@@ -27,6 +27,8 @@ ARMS = {
     "mmrec_sink": ("configs/tiny.py", {"mem_sink": True}),
     # MM-Rec tiny whose memory writes pass no gradient into the recurrence (README, Quality)
     "mmrec_wsg": ("configs/tiny.py", {"mem_write_grad": False}),
+    # MM-Rec tiny whose memory's read is its own residual branch, not gated by v
+    "mmrec_mres": ("configs/tiny.py", {"mem_residual": True}),
     # MM-Rec tiny whose memory's weights learn at a tenth of the learning rate
     "mmrec_memlr": ("configs/tiny.py", {"train.lr_scales": "memory=0.1"}),
     "transformer": ("configs/baselines/transformer_tiny.py", {}),

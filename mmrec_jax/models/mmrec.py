@@ -75,6 +75,10 @@ class MMRecConfig(base.BaseConfig):
   # into it (a stop-gradient on what is pooled); the memory's own weights still
   # learn, and the function is the same. Reads still train the query.
   mem_write_grad: bool = True
+  # Where the read enters: False, the mixer, W_o((h + m) * GELU(v)) (gated by v);
+  # True, its own residual branch, x + W_o(h * GELU(v)) + m, its read-out then
+  # initialised like the other residual outputs (times 1 / (2 n_layers)).
+  mem_residual: bool = False
   scan_impl: str = "auto"        # auto | associative | sequential | chunked
   scan_chunk: int = 64           # chunk length of the `chunked` scan
   # MDI: the per-channel decays at init span [decay_min, decay_max] (timescales
@@ -256,7 +260,8 @@ class HDSMemory(nn.Module):
     summary = dense(D, ("embed", "kv"), cfg, "summary")
     key = dense(D, ("kv", "kv_out"), cfg, "key")
     value = dense(D, ("kv", "kv_out"), cfg, "value")
-    out = dense(D, ("kv", "embed"), cfg, "out", init_scale=cfg.mem_out_init)
+    out = dense(D, ("kv", "embed"), cfg, "out", init_scale=cfg.mem_out_init * (
+        1.0 / (2 * cfg.n_layers) if cfg.mem_residual else 1.0))
     scale_H = (self.param("read_scale", logical(nn.initializers.ones, "heads"), (H,),
                           cfg.params_dtype).astype(jnp.float32) if cfg.mem_qk_norm else None)
     sink = None
@@ -437,11 +442,14 @@ class Block(nn.Module):
     if cfg.mem_levels:
       mem_BTD, (memory, pos, csum, cw) = HDSMemory(cfg, name="memory")(
           h_BTD, parts[0], reset_BT, state)
-      y_BTD = (h_BTD.astype(dt) + mem_BTD) * nn.gelu(v_BTD)
+      gated_BTD = h_BTD.astype(dt) if cfg.mem_residual else h_BTD.astype(dt) + mem_BTD
     else:  # no long-term memory: nothing written, nothing read, no parameters
       memory, pos, csum, cw = state.memory, state.pos, state.chunk_sum, state.chunk_weight
-      y_BTD = h_BTD.astype(dt) * nn.gelu(v_BTD)
-    y_BTD = dense(D, ("kv", "embed"), cfg, "mix_out", init_scale=out_scale)(y_BTD)
+      gated_BTD = h_BTD.astype(dt)
+    y_BTD = dense(D, ("kv", "embed"), cfg, "mix_out", init_scale=out_scale)(
+        gated_BTD * nn.gelu(v_BTD))
+    if cfg.mem_levels and cfg.mem_residual:
+      y_BTD = y_BTD + mem_BTD
     y_BTD = nn.Dropout(cfg.dropout)(y_BTD, deterministic=self.deterministic)
     x_BTD = x_BTD + y_BTD
 

@@ -15,10 +15,11 @@ from mmrec_jax import sampling
 from mmrec_jax.models import mmrec as M
 
 V = 64
-# Every option on, MoE at its default settings (moe_capacity_factor left at 1.25).
+# Every option on, MoE at its default settings (moe_capacity_factor left at 1.25); the
+# memory read on its own residual branch (test_model.py covers the gated read).
 MOE = M.MMRecConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, chunk_size=4, mem_slots=2,
                     mem_levels=3, use_dpg=True, dpg_rank=4, use_moe=True, moe_experts=4,
-                    use_uboo=True)
+                    use_uboo=True, mem_residual=True)
 IMPLS = ("dense", "ragged")
 
 

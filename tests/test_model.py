@@ -138,7 +138,7 @@ def test_a_zero_read_out_starts_the_memory_as_a_no_op_that_training_opens():
     lo, _, _ = model.apply({"params": p}, toks[:, :-1])
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lo), toks[:, 1:, None], -1))
 
-  grads = jax.grad(loss)(params)["blocks"]["memory"]
+  grads = jax.jit(jax.grad(loss))(params)["blocks"]["memory"]
   flat = {jax.tree_util.keystr(p): np.asarray(g)
           for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
   # only the read-out learns at step 0; what is written and how it is read follow

@@ -138,7 +138,10 @@ def test_every_benchmark_arm_is_a_valid_config():
   for arm in recall.ARMS:
     c = config_lib.validate(bench.load_arm(arm, recall.ARMS))
     for field, value in recall.ARMS[arm][1].items():
-      assert c.model[field] == value, (arm, field)
+      node = c
+      for part in ("model." + field if "." not in field else field).split("."):
+        node = node[part]
+      assert node == value, (arm, field)
   assert set(bench.ARMS) <= set(recall.ARMS)   # quality's arms, all recall can run
 
 

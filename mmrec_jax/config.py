@@ -47,8 +47,8 @@ def make_config(name, kind="mmrec", **model_fields):
   t.warmup_steps = 100
   t.weight_decay = 0.1
   # Per-module learning-rate factors, "NAME=FACTOR,...": every parameter under a
-  # module named NAME (e.g. memory, ffn, fused, embed) steps FACTOR times as far
-  # (its weight decay too). Empty: one learning rate for all.
+  # module (or itself) named NAME (e.g. memory, ffn, fused, embed) steps FACTOR
+  # times as far (its weight decay too). Empty: one learning rate for all.
   t.lr_scales = ""
   t.b1 = 0.9
   t.b2 = 0.95

@@ -11,8 +11,9 @@ from mmrec_jax.errors import Interrupted
 _REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 
 # The arms the model-comparison benchmarks (quality, recall) train: a config file
-# and overrides (of `model.` fields; a dotted key such as "train.lr" names any field). MM-Rec tiny, the same without its long-term memory, and
-# the Transformer of the same size.
+# and overrides (of `model.` fields; a dotted key such as "train.lr" names any
+# field). MM-Rec tiny, the same without its long-term memory, and the Transformer
+# of the same size.
 ARMS = {
     "mmrec": ("configs/tiny.py", {}),
     "mmrec_nomem": ("configs/tiny.py", {"mem_levels": 0}),

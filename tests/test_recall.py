@@ -152,7 +152,11 @@ def test_run_key_ignores_model_options_at_their_defaults():
   c = config_lib.load_config_file("configs/tiny.py")
   key = recall.run_key(c)
   assert "mem_read_logn" not in key["model"] and "chunk_size" not in key["model"]
-  assert key["model"]["kind"] == "mmrec" and key["train"] == c.train.to_dict()
+  train = c.train.to_dict()
+  assert train.pop("lr_scales") == "" and key["model"]["kind"] == "mmrec"
+  assert key["train"] == train      # a training option added later, off: same key
+  c.train.lr_scales = "memory=0.1"
+  assert recall.run_key(c)["train"]["lr_scales"] == "memory=0.1"
   c.model.mem_read_logn, c.model.chunk_size = True, 16
   assert recall.run_key(c)["model"]["mem_read_logn"] is True
   assert recall.run_key(c)["model"]["chunk_size"] == 16

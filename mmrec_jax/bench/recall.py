@@ -390,13 +390,20 @@ def make_stream(data_dir, stream, tasks, seq_len, steps, stage, last):
   return name, tag
 
 
+# Training options added after recall runs were first keyed, with their "off" value.
+NEW_TRAIN_OPTIONS = {"lr_scales": ""}
+
+
 def run_key(c):
-  """The config as a dict, without the model fields at their schema defaults: a new
-  model option (off by default) does not change the key of runs made before it."""
+  """The config as a dict, without the model fields at their schema defaults (nor
+  the training options added since, when off): a new option, off by default, does
+  not change the key of runs made before it."""
   d = c.to_dict()
   fields = {f.name: f.default for f in dataclasses.fields(models.schema(d["model"]["kind"]))}
   d["model"] = {k: v for k, v in d["model"].items()
                 if k == "kind" or k not in fields or fields[k] != v}
+  d["train"] = {k: v for k, v in d["train"].items() if k not in NEW_TRAIN_OPTIONS
+                or v != NEW_TRAIN_OPTIONS[k]}
   return d
 
 

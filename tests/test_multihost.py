@@ -180,6 +180,20 @@ def test_one_device_checkpoint_restores_on_a_2x2x2_mesh(one_process_runs, corpus
   del opt_state
 
 
+@pytest.mark.slow
+def test_tensor_parallel_mesh_and_grad_accum_train_as_one_device(one_process_runs, corpus,
+                                                                 tmp_path):
+  """A 2x2x2 mesh (tensor parallelism too) and gradient accumulation over 2 micro-batches
+  give the 1-device run's losses."""
+  want = [l for _, l in one_process_runs[1][1].train_losses]
+  assert len(want) == STEPS
+  for name, n, kw in (("2x2x2", 8, {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
+                      ("accum", 1, {**MESH_1, "train.grad_accum": 2})):
+    r = loop.run(make_config(corpus, **kw), str(tmp_path / name), jax.devices()[:n], quiet=True)
+    np.testing.assert_allclose([l for _, l in r.train_losses], want, atol=1e-5, rtol=0,
+                               err_msg=name)
+
+
 # ----------------------------------------------------------------------------- fast checks
 
 

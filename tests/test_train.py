@@ -213,23 +213,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 host devices (tests/conftest.py)")
-def test_sharded_loss_equals_single_device(corpus, tmp_path):
-  kw = {"train.steps": 4, "train.eval_every": 4, "checkpoint.every": 4}
-  one = train.run(make_config(corpus, **kw), str(tmp_path / "one"),
-                  devices=jax.devices()[:1], quiet=True)
-  mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
-  eight = train.run(make_config(corpus, **kw, **mesh), str(tmp_path / "eight"),
-                    devices=jax.devices()[:8], quiet=True)
-  a = np.array([l for _, l in one.train_losses])
-  b = np.array([l for _, l in eight.train_losses])
-  assert len(a) == 4
-  np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
-  # Gradient accumulation gives the same updates as the full batch.
-  acc = train.run(make_config(corpus, **kw, **{"train.grad_accum": 2}), str(tmp_path / "acc"),
-                  devices=jax.devices()[:1], quiet=True)
-  np.testing.assert_allclose(a, [l for _, l in acc.train_losses], atol=1e-5, rtol=0)
-
-
 def test_early_stopping(corpus, tmp_path):
   config = make_config(corpus, **{"train.steps": 40, "train.eval_every": 2,
                                   "train.early_stopping_patience": 2,

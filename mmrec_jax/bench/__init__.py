@@ -32,6 +32,9 @@ ARMS = {
     "mmrec_mres": ("configs/tiny.py", {"mem_residual": True}),
     # MM-Rec tiny whose memory's weights learn at a tenth of the learning rate
     "mmrec_memlr": ("configs/tiny.py", {"train.lr_scales": "memory=0.1"}),
+    # both of the two that each halved the gap to memory off: zero read-out, slow memory
+    "mmrec_zr_memlr": ("configs/tiny.py", {"mem_out_init": 0.0,
+                                           "train.lr_scales": "memory=0.1"}),
     # MM-Rec tiny whose recurrence starts with short timescales (10 to 100 tokens,
     # not 1,000), with and without its memory: can the memory carry what it cannot?
     "mmrec_short": ("configs/tiny.py", {"decay_max": 0.99}),

@@ -208,39 +208,19 @@ def read(mem, q_Hd, cleared, scale_H=None, logn=False, sink=None):
   here). `scale_H`: see `_normalise`; `logn`: see `_masked_softmax`. `sink`:
   None, or (logit [H], value [H, hd]) of a null slot every read also sees (an
   attention sink with a learned value): an empty memory then reads its value.
-  Returns [H, hd] float32; without a sink, zeros from an empty memory.
-
-  The same attention as `attend`, arranged for one query so that the memory is
-  read where it lies, never copied: all heads' logits are one matmul of the
-  slots (key and value, as stored) with a block-diagonal query matrix [2D, H],
-  and the read is one matmul of the weights with the slots, whose diagonal
-  blocks are the heads' values; the full slots and the pending ones are read
-  apart, not concatenated. (Per-head batched matmuls need the slots transposed
-  to heads-first: a copy of the whole memory per layer and token.)"""
+  Returns [H, hd] float32; without a sink, zeros from an empty memory."""
   H, hd = q_Hd.shape
-  D = H * hd
-  levels, slots, width = mem.slots.shape
-  f32, dt = jnp.float32, q_Hd.dtype
-  parts = [mem.slots.reshape(levels * slots, width).astype(dt),
-           (mem.pend / jnp.maximum(mem.pend_mass, MIN_MASS)[:, None]).astype(dt)]
-  valid_M = jnp.concatenate([mem.valid.reshape(-1), mem.pend_n > 0], axis=0)
-  if scale_H is not None:   # unit-RMS keys: scale the slots' key halves per head
-    q_Hd = _unit(q_Hd) * scale_H.astype(dt)[:, None]
-    parts = [jnp.concatenate([_unit(x[:, :D].reshape(-1, H, hd)).reshape(-1, D), x[:, D:]], -1)
-             for x in parts]
-  head_X = jnp.arange(width) // hd                       # the head of each key column
-  q_XH = jnp.where((head_X[:, None] == jnp.arange(H)[None]) & (jnp.arange(width) < D)[:, None],
-                   jnp.pad(q_Hd.reshape(D), (0, width - D))[:, None], 0).astype(dt)
-  logits_MH = jnp.concatenate([jnp.dot(x, q_XH, preferred_element_type=f32) for x in parts])
-  logits_MH = logits_MH / jnp.sqrt(hd).astype(f32)
-  p_MH, ps_1H = _masked_softmax(logits_MH, (valid_M & ~cleared)[:, None], 0, logn,
-                                None if sink is None else sink[0][None, :])
-  n0 = levels * slots
-  p_MH = p_MH.astype(dt)
-  r_HX = (jnp.dot(p_MH[:n0].T, parts[0], preferred_element_type=f32)
-          + jnp.dot(p_MH[n0:].T, parts[1], preferred_element_type=f32))
-  out_Hd = jnp.einsum("hgd,hg->hd", r_HX[:, D:].reshape(H, H, hd), jnp.eye(H, dtype=f32))
-  return out_Hd if sink is None else out_Hd + ps_1H[0][:, None] * sink[1]
+  m_MX, valid_M = readable(mem)
+  keys_MHd = m_MX[:, :H * hd].astype(q_Hd.dtype).reshape(-1, H, hd)
+  vals_MHd = m_MX[:, H * hd:].astype(q_Hd.dtype).reshape(-1, H, hd)
+  q_Hd, keys_MHd = _normalise(q_Hd, keys_MHd, scale_H)
+  logits_HM = jnp.einsum("hd,mhd->hm", q_Hd, keys_MHd,
+                         preferred_element_type=jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
+  p_HM, ps_H1 = _masked_softmax(logits_HM, (valid_M & ~cleared)[None, :], -1, logn,
+                                None if sink is None else sink[0][:, None])
+  out_Hd = jnp.einsum("hm,mhd->hd", p_HM.astype(vals_MHd.dtype), vals_MHd,
+                      preferred_element_type=jnp.float32)
+  return out_Hd if sink is None else out_Hd + ps_H1 * sink[1]
 
 
 def attend(q_THd, keys_KMHd, values_KMHd, valid_KM, k_T, cleared_T, window, scale_H=None,

@@ -65,10 +65,10 @@ def test_streaming_pieces_and_token_by_token_equal_full_pass(all_on):
                                atol=2e-5, err_msg=jax.tree_util.keystr(path))
 
 
-def test_the_decoding_form_with_deferred_writes_equals_full_pass(all_on):
-  """The decoding form (`unstack`) leaves a chunk's write pending for the next step:
-  token by token, across document starts right after a chunk end, and with a
-  parallel piece after a pending write, it gives the full pass's logits."""
+def test_the_decoding_form_equals_full_pass(all_on):
+  """The decoding form (`unstack`: layers unrolled, the memory's one-token path)
+  gives the full pass's logits token by token, across a document start right
+  after a chunk end, and with a parallel piece between one-token steps."""
   model, params, apply = all_on
   dmodel, dparams = model.unstack(params)
   dapply = jax.jit(lambda p, t, s, r: dmodel.apply({"params": p}, t, state=s, reset=r))
@@ -79,7 +79,7 @@ def test_the_decoding_form_with_deferred_writes_equals_full_pass(all_on):
   full, _, _ = apply(params, toks, model.init_state(2), r)
   out, s = [], model.init_state(2)
   spans = [(t, t + 1) for t in range(16)] + [(16, 24)] + [(t, t + 1) for t in range(24, T)]
-  for a, b in spans:   # token 15 ends a chunk in both rows: the piece 16..24 starts pending
+  for a, b in spans:   # token 15 ends a chunk in both rows, just before the piece 16..24
     lo, s, _ = dapply(dparams, toks[:, a:b], s, r[:, a:b])
     out.append(lo)
   np.testing.assert_allclose(np.concatenate(out, 1), full, atol=2e-5, rtol=1e-5)

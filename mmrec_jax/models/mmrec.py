@@ -246,13 +246,8 @@ class MoE(nn.Module):
 
 
 class HDSMemory(nn.Module):
-  """The layer's long-term memory: chunk summaries written, read by multi-head attention.
-
-  `defer_writes` (the decoding form): a one-token step that ends a chunk leaves
-  the chunk's write pending in the state (its accumulators kept) and the next
-  step writes it before it reads (see `_decode_one`)."""
+  """The layer's long-term memory: chunk summaries written, read by multi-head attention."""
   cfg: MMRecConfig
-  defer_writes: bool = False
 
   @nn.compact
   def __call__(self, h_BTD, q_BTD, reset_BT, state: LayerState):
@@ -288,11 +283,9 @@ class HDSMemory(nn.Module):
       summ_BKD = nn.gelu(summary(pooled_BKD.astype(dt)))
       return jnp.concatenate([key(summ_BKD), value(summ_BKD)], axis=-1).astype(jnp.float32)
 
-    if self.defer_writes and not self.is_initializing():
-      state = _write_pending(cfg, state, reset_BT[:, 0], summarise_kv)
     if T == 1 and not self.is_initializing():
       return _decode_one(cfg, h_BTD[:, 0], q_BTD[:, 0], w_BT[:, 0], reset_BT[:, 0], state,
-                         summarise_kv, out, scale_H, sink, self.defer_writes)
+                         summarise_kv, out, scale_H, sink)
 
     pos_BT, last_reset_BT = jax.vmap(mem_lib.positions)(state.pos, reset_BT)
     start_BT = pos_BT % cfg.chunk_size == 0
@@ -337,45 +330,10 @@ class HDSMemory(nn.Module):
     return out_BTD, (final, pos_BT[:, -1] + 1, last_acc_BX[:, :D], last_acc_BX[:, D])
 
 
-def _rows(x_B, m):
-  """x_B [B] shaped to broadcast against m [B, ...]."""
-  return x_B.reshape((x_B.shape[0],) + (1,) * (m.ndim - 1))
-
-
-def _write_pending(cfg, state, reset_B, summarise_kv):
-  """The state with the chunk write a deferred step left pending done (and, where
-  `reset_B`, the memory emptied first): one `lax.cond`, taken only at steps after
-  a chunk end (or a document start). A pending write is marked by a chunk
-  accumulator at a chunk boundary with positive weight, which an eager state
-  never has (it zeroes the accumulator when it writes)."""
-  D = cfg.d_model
-  acc_BX = jnp.concatenate([state.chunk_sum, state.chunk_weight[:, None]], axis=-1)
-  pend_B = (state.pos % cfg.chunk_size == 0) & (state.chunk_weight > 0)
-
-  def update(memory):
-    memory = jax.tree_util.tree_map(
-        lambda m: jnp.where(_rows(reset_B, m), jnp.zeros_like(m), m), memory)
-    new = jax.vmap(mem_lib.write)(memory, summarise_kv(acc_BX), acc_BX[:, D])
-    write_B = pend_B & ~reset_B
-    return jax.tree_util.tree_map(lambda n, m: jnp.where(_rows(write_B, m), n, m), new, memory)
-
-  # A loop run once or not at all, not a `lax.cond`: XLA updates a loop's carry in
-  # place, where a cond's pass-through branch copied the whole memory every step.
-  # The state's memory goes into it and nowhere else (the read uses its result).
-  memory, _ = jax.lax.while_loop(lambda c: c[1], lambda c: (update(c[0]), jnp.array(False)),
-                                 (state.memory, jnp.any(pend_B | reset_B)))
-  keep_B = ~pend_B
-  return state.replace(memory=memory, chunk_sum=jnp.where(keep_B[:, None], state.chunk_sum, 0.0),
-                       chunk_weight=jnp.where(keep_B, state.chunk_weight, 0.0))
-
-
-def _decode_one(cfg, h_BD, q_BD, w_B, reset_B, state, summarise_kv, out, scale_H, sink,
-                defer_writes=False):
+def _decode_one(cfg, h_BD, q_BD, w_B, reset_B, state, summarise_kv, out, scale_H, sink):
   """`HDSMemory` for one token (T = 1): the same numbers as the general path,
   without its chunk bookkeeping; a chunk's summary is computed and written
-  (`lax.cond`) only at steps where some row ends a chunk, once every C tokens.
-  With `defer_writes` the write is left pending in the state for the next step
-  (`_write_pending`, which has already emptied the memory at a document start)."""
+  (`lax.cond`) only at steps where some row ends a chunk, once every C tokens."""
   B, D = h_BD.shape
   H = cfg.n_heads
   pos_B = jnp.where(reset_B, 0, state.pos)
@@ -388,18 +346,15 @@ def _decode_one(cfg, h_BD, q_BD, w_B, reset_B, state, summarise_kv, out, scale_H
       state.memory, q_BD.reshape(B, H, D // H), reset_B, scale_H, cfg.mem_read_logn, sink)
   out_BD = out(read_BHd.reshape(B, D).astype(cfg.compute_dtype))
 
-  end_B = pos_B % cfg.chunk_size == cfg.chunk_size - 1
-  if defer_writes:  # the accumulator of an ended chunk is kept, its weight > 0 marking it
-    weight_B = jnp.where(end_B, jnp.maximum(acc_BX[:, D], jnp.finfo(jnp.float32).tiny),
-                         acc_BX[:, D])
-    return out_BD[:, None], (state.memory, pos_B + 1, acc_BX[:, :D], weight_B)
-
   # A document start empties the memory; a chunk end writes the chunk's summary.
+  end_B = pos_B % cfg.chunk_size == cfg.chunk_size - 1
+  rows = lambda x_B, m: x_B.reshape((B,) + (1,) * (m.ndim - 1))
+
   def update(memory):
     memory = jax.tree_util.tree_map(
-        lambda m: jnp.where(_rows(reset_B, m), jnp.zeros_like(m), m), memory)
+        lambda m: jnp.where(rows(reset_B, m), jnp.zeros_like(m), m), memory)
     new = jax.vmap(mem_lib.write)(memory, summarise_kv(acc_BX), acc_BX[:, D])
-    return jax.tree_util.tree_map(lambda n, m: jnp.where(_rows(end_B, m), n, m), new, memory)
+    return jax.tree_util.tree_map(lambda n, m: jnp.where(rows(end_B, m), n, m), new, memory)
 
   memory = jax.lax.cond(jnp.any(end_B | reset_B), update, lambda m: m, state.memory)
   acc_BX = jnp.where(end_B[:, None], 0.0, acc_BX)
@@ -451,7 +406,6 @@ class Block(nn.Module):
   """One MM-Rec block: fused projection, MDI decay, linear scan, HDS memory, mixer, FFN."""
   cfg: MMRecConfig
   deterministic: bool = True
-  defer_writes: bool = False     # see `HDSMemory`; the decoding form's `DecodingBlock`
 
   @nn.compact
   def __call__(self, x_BTD, state: LayerState, reset_BT):
@@ -486,7 +440,7 @@ class Block(nn.Module):
                         chunk=cfg.scan_chunk)
 
     if cfg.mem_levels:
-      mem_BTD, (memory, pos, csum, cw) = HDSMemory(cfg, self.defer_writes, name="memory")(
+      mem_BTD, (memory, pos, csum, cw) = HDSMemory(cfg, name="memory")(
           h_BTD, parts[0], reset_BT, state)
       gated_BTD = h_BTD.astype(dt) if cfg.mem_residual else h_BTD.astype(dt) + mem_BTD
     else:  # no long-term memory: nothing written, nothing read, no parameters
@@ -522,20 +476,11 @@ class Block(nn.Module):
     return x_BTD, (new_state, aux)
 
 
-class DecodingBlock(Block):
-  """The decoding form's block: chunk writes deferred to the next step (`HDSMemory`)."""
-  defer_writes: bool = True
-
-
 class MMRec(nn.Module):
   """The MM-Rec language model: embedding, L blocks, final RMSNorm, tied head.
 
   `unstacked` is the decoding form (`unstack`): per-layer parameters read in
-  place; training, checkpoints and exports always use the stacked layout. Its
-  one-token steps also defer each chunk's memory write to the next step (which
-  then updates the memory in place, not copying it per token): the logits are
-  the same, but a state it returns may hold a pending write, so feed it back to
-  the decoding form only.
+  place; training, checkpoints and exports always use the stacked layout.
   """
   cfg: MMRecConfig
   unstacked: bool = False
@@ -605,8 +550,7 @@ class MMRec(nn.Module):
     embed_VD = layers.embedding(self, cfg)
     x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(cfg.compute_dtype)
     x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
-    x_BTD, new_state, aux = layers.run_layers(DecodingBlock if self.unstacked else Block, cfg,
-                                              x_BTD, state, reset_BT,
+    x_BTD, new_state, aux = layers.run_layers(Block, cfg, x_BTD, state, reset_BT,
                                               unstacked=self.unstacked,
                                               deterministic=deterministic)
     aux = {k: (jnp.mean(v) if k == "moe" else jnp.sum(v)) for k, v in aux.items()}

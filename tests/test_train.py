@@ -211,8 +211,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 host devices (tests/conftest.py)")
 def test_early_stopping(corpus, tmp_path):
   config = make_config(corpus, **{"train.steps": 40, "train.eval_every": 2,
                                   "train.early_stopping_patience": 2,

@@ -61,12 +61,15 @@ def parse_lr_scales(spec):
   return out
 
 
-def lr_scale_tree(params_boxed_or_plain, spec):
+def lr_scale_tree(params_boxed_or_plain, spec, defaults=None):
   """Tree of floats matching the unboxed params: a parameter's learning-rate factor
   is that of the innermost name on its path (modules, then the parameter's own
-  name) named in `spec` (1 when none is).
-  None when `spec` is empty; a name that matches no parameter is an error."""
-  scales = parse_lr_scales(spec)
+  name) named in `spec` or, failing that, in `defaults` (1 when neither names one).
+  `defaults` is the model's own ({module: factor}, from `model.lr_scales()`);
+  `spec` (`train.lr_scales`) overrides it name by name.
+  None when every factor is 1; a name in `spec` that matches no parameter is an error."""
+  user = parse_lr_scales(spec)
+  scales = {**(defaults or {}), **user}
   if not scales:
     return None
   used = set()
@@ -80,12 +83,12 @@ def lr_scale_tree(params_boxed_or_plain, spec):
     return 1.0
   tree = jax.tree_util.tree_map_with_path(
       one, params_boxed_or_plain, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  unknown = sorted(set(scales) - used)
+  unknown = sorted(set(user) - used)
   if unknown:
     raise ConfigError(f"train.lr_scales names {', '.join(map(repr, unknown))}, which no "
                       "parameter's path contains; use module names such as memory, ffn, "
                       "fused, embed (python -m mmrec_jax.params lists them)")
-  return tree
+  return tree if any(f != 1.0 for f in jax.tree.leaves(tree)) else None
 
 
 def _scaled(inner, scales):

@@ -132,7 +132,8 @@ def setup(config, devices=None):
       nn.unbox(abstract_boxed), param_sh)
   schedule = opt_lib.lr_schedule(t)
   tx = opt_lib.make(t, opt_lib.decay_mask(abstract_boxed),
-                    opt_lib.lr_scale_tree(abstract_boxed, t.get("lr_scales", "")))
+                    opt_lib.lr_scale_tree(abstract_boxed, t.get("lr_scales", ""),
+                                         model.lr_scales()))
   opt_shapes = jax.eval_shape(tx.init, abstract_params)
   opt_sh = shard_lib.mirror_shardings(opt_shapes, param_sh, abstract_params, mesh)
   repl = shard_lib.replicated(mesh)

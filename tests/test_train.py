@@ -293,6 +293,20 @@ def test_lr_scales_scale_a_modules_steps_and_keep_the_optimizer_state():
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ConfigError, match="no parameter's path contains"):
     opt_lib.lr_scale_tree(params, "memroy=0.1")
+  # the model's own factors (`model.mem_lr_scale`) apply unless train.lr_scales names
+  # the same module; all factors 1 is no scaling at all
+  from mmrec_jax import models
+  cfg = dict(kind="mmrec", vocab_size=16, d_model=8, n_layers=1, n_heads=2)
+  assert models.build(dict(cfg, mem_lr_scale=0.5)).lr_scales() == {"memory": 0.5}
+  assert models.build(dict(cfg, mem_lr_scale=0.5, mem_levels=0)).lr_scales() == {}
+  with pytest.raises(ConfigError, match="mem_lr_scale"):
+    models.build(dict(cfg, mem_lr_scale=-1))
+  tree = opt_lib.lr_scale_tree(params, "", {"memory": 0.5})
+  assert tree["blocks"]["memory"]["out"]["kernel"] == 0.5 and tree["embed"] == 1.0
+  assert opt_lib.lr_scale_tree(params, "memory=0.25", {"memory": 0.5})[
+      "blocks"]["memory"]["out"]["kernel"] == 0.25
+  assert opt_lib.lr_scale_tree(params, "memory=1", {"memory": 0.5}) is None
+  assert opt_lib.lr_scale_tree(params, "", {"memory": 1.0}) is None
   for bad in ("memory", "memory=x", "memory=-1", "=0.5"):
     with pytest.raises(ConfigError, match="NAME=FACTOR"):
       opt_lib.parse_lr_scales(bad)

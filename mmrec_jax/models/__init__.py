@@ -11,7 +11,8 @@ Every model is a Flax module with
   -> (logits float32, state, aux)`: `state` is its decoding state, `reset` marks
   document starts, `aux` its auxiliary losses; `last_only` returns the last
   position's logits only ([B, 1, V], for a prefill);
-- `init_state(batch)`, `flops_per_token(seq_len)`, `aux_weights()`;
+- `init_state(batch)`, `flops_per_token(seq_len)`, `aux_weights()`, `lr_scales()`
+  (its own per-module learning-rate factors; `train.lr_scales` overrides them);
 - `unstack(params) -> (model, params)`: the form decoding runs (may be itself).
 Its parameters carry logical axis names, with layers stacked on a leading
 `layers` axis.

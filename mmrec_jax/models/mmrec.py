@@ -71,6 +71,9 @@ class MMRecConfig(base.BaseConfig):
   # the memory as an exact no-op that training opens (only `out` gets a gradient at
   # step 0; every other memory weight follows once `out` is non-zero).
   mem_out_init: float = 1.0
+  # The memory's weights (every parameter under `memory`) step this factor times
+  # the learning rate (their weight decay too); `train.lr_scales` overrides it.
+  mem_lr_scale: float = 1.0
   # False: the memory writes the recurrence's output without passing gradient back
   # into it (a stop-gradient on what is pooled); the memory's own weights still
   # learn, and the function is the same. Reads still train the query.
@@ -106,6 +109,9 @@ class MMRecConfig(base.BaseConfig):
     base.check(isinstance(self.mem_out_init, (int, float)) and self.mem_out_init >= 0,
                f"model.mem_out_init must be a number >= 0 (0: the memory's read-out starts at "
                f"zero), got {self.mem_out_init!r}")
+    base.check(isinstance(self.mem_lr_scale, (int, float)) and self.mem_lr_scale >= 0,
+               f"model.mem_lr_scale must be a number >= 0 (the memory's learning-rate "
+               f"factor), got {self.mem_lr_scale!r}")
     base.positive_ints(self, ("chunk_size", "mem_slots", "scan_chunk",
                               "mdi_hidden_div"))
     base.check(self.d_model % self.mdi_hidden_div == 0,
@@ -506,6 +512,10 @@ class MMRec(nn.Module):
     if self.cfg.use_uboo:
       w["uboo"] = self.cfg.uboo_weight
     return w
+
+  def lr_scales(self) -> dict[str, float]:
+    """The model's own per-module learning-rate factors ({module name: factor})."""
+    return {"memory": float(self.cfg.mem_lr_scale)} if self.cfg.mem_levels else {}
 
   def flops_per_token(self, seq_len: int | None = None) -> float:
     """Forward matmul FLOPs per token, memory attention included (training: x3)."""

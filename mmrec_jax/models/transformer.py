@@ -140,6 +140,9 @@ class Transformer(nn.Module):
   def aux_weights(self) -> dict[str, float]:
     return {}
 
+  def lr_scales(self) -> dict[str, float]:
+    return {}
+
   def flops_per_token(self, seq_len: int | None = None) -> float:
     """Forward matmul FLOPs per token; attention at the average causal span seq_len / 2."""
     cfg = self.cfg

@@ -106,3 +106,29 @@ def test_quality_carries_the_state_of_the_mmrec_arms_only():
   finally:
     if marked:
       flags.FLAGS.unparse_flags()
+
+
+def test_an_arm_never_reuses_a_run_trained_otherwise(tmp_path):
+  """A benchmark folder from before an arm's defaults changed: the arm that keeps
+  the old values reuses its run, the arm at the new defaults refuses it (one-line
+  error naming the fields), and a field saved before it existed counts at its old
+  value."""
+  import json
+  from mmrec_jax import bench
+  from mmrec_jax.errors import UsageError
+  old = bench.load_arm("mmrec_v0")
+  saved = old.to_dict()
+  del saved["model"]["mem_lr_scale"]          # a config saved before the field existed
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  bench.check_same_run(bench.load_arm("mmrec_v0"), str(tmp_path))
+  with pytest.raises(UsageError, match="mem_lr_scale, model.mem_out_init differ") as e:
+    bench.check_same_run(bench.load_arm("mmrec"), str(tmp_path))
+  assert "\n" not in str(e.value)
+  nomem = bench.load_arm("mmrec_nomem").to_dict()
+  nomem["model"].update(mem_out_init=1.0, mem_lr_scale=1.0)   # no memory: they mean nothing
+  (tmp_path / "config.json").write_text(json.dumps(nomem))
+  bench.check_same_run(bench.load_arm("mmrec_nomem"), str(tmp_path))
+  seeded = bench.load_arm("mmrec_nomem")
+  seeded.train.seed = 7
+  with pytest.raises(UsageError, match="train.seed"):
+    bench.check_same_run(seeded, str(tmp_path))

@@ -19,7 +19,7 @@ V = 64
 # memory read on its own residual branch (test_model.py covers the gated read).
 MOE = M.MMRecConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, chunk_size=4, mem_slots=2,
                     mem_levels=3, use_dpg=True, dpg_rank=4, use_moe=True, moe_experts=4,
-                    use_uboo=True, mem_residual=True)
+                    use_uboo=True, mem_residual=True, mem_out_init=1.0)
 IMPLS = ("dense", "ragged")
 
 

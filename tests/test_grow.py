@@ -22,7 +22,7 @@ from mmrec_jax.errors import ConfigError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
 BASE = dict(vocab_size=64, d_model=16, n_layers=2, n_heads=2, chunk_size=4, mem_slots=2,
-            mem_levels=2, scan_layers=False)
+            mem_levels=2, scan_layers=False, mem_out_init=1.0)
 OPTS = dict(use_moe=True, moe_experts=2, use_uboo=True, use_dpg=True,  # every option on
             mem_qk_norm=True, mem_pool="exp", mem_read_logn=True, mem_sink=True)
 SMALL = dict(BASE, **OPTS)

@@ -46,7 +46,7 @@ def workdir(tmp_path_factory):
   (root / "corpus.txt").write_text("\n\n".join(docs) + "\n")
   c = config_lib.load_config_file(os.path.join(REPO, "configs", "tiny.py"))
   c.model.update(vocab_size=300, d_model=32, n_layers=2, n_heads=2, chunk_size=8,
-                 mem_slots=2, mem_levels=2)
+                 mem_slots=2, mem_levels=2, mem_out_init=1.0)   # the memory read from the start
   c.train.seq_len = 32
   c.data.path = str(root / "corpus.txt")
   c.data.val_fraction = 0.2

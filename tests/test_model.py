@@ -16,7 +16,8 @@ V = 64
 ALL_ON = M.MMRecConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, chunk_size=4,
                        mem_slots=2, mem_levels=3, use_dpg=True, dpg_rank=4, use_moe=True, moe_experts=4,
                        use_uboo=True, dropout=0.1, mem_qk_norm=True,
-                       mem_pool="exp", mem_read_logn=True, mem_sink=True)
+                       mem_pool="exp", mem_read_logn=True, mem_sink=True,
+                       mem_out_init=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +171,7 @@ def test_a_zero_read_out_starts_the_memory_as_a_no_op_that_training_opens():
 
 def test_a_write_without_gradient_keeps_the_function_and_the_memorys_own_gradients():
   cfg = M.MMRecConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, chunk_size=4,
-                      mem_slots=2, mem_levels=2)
+                      mem_slots=2, mem_levels=2, mem_out_init=1.0)
   toks = _tokens(2, 24, seed=4)
   base = M.MMRec(cfg)
   params = nn.unbox(models.init_params(base, jax.random.key(0)))
@@ -327,7 +328,7 @@ def test_read_options_change_only_what_reads_the_memory(change, same):
   """The same weights with and without the option: identical logits up to
   position `same`, different from there on (chunks of 4 tokens)."""
   base = dict(vocab_size=V, d_model=16, n_layers=1, n_heads=2, chunk_size=4, mem_slots=2,
-              mem_levels=2)
+              mem_levels=2, mem_out_init=1.0)
   ref, alt = M.MMRec(M.MMRecConfig(**base)), M.MMRec(M.MMRecConfig(**base, **change))
   params = nn.unbox(models.init_params(ref, jax.random.key(0)))
   toks = _tokens(1, 16, seed=5)
@@ -345,7 +346,7 @@ def test_the_sink_lets_the_read_abstain_and_an_empty_memory_reads_its_value():
   only the null value; at init (zeros) the read differs from the first slot
   written on, and not before."""
   base = dict(vocab_size=V, d_model=16, n_layers=1, n_heads=2, chunk_size=4, mem_slots=2,
-              mem_levels=2)
+              mem_levels=2, mem_out_init=1.0)
   ref, alt = M.MMRec(M.MMRecConfig(**base)), M.MMRec(M.MMRecConfig(**base, mem_sink=True))
   params = nn.unbox(models.init_params(ref, jax.random.key(0)))
   flat = flax.traverse_util.flatten_dict(nn.unbox(models.init_params(alt, jax.random.key(0))),

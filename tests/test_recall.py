@@ -109,7 +109,7 @@ def test_read_off_zeroes_only_the_memory_read_out():
   from mmrec_jax import models
   cfg = models.make_config(dict(kind="mmrec", name="t", vocab_size=32, d_model=16, n_layers=2,
                                 n_heads=2, max_seq_len=64, chunk_size=4, mem_slots=2,
-                                mem_levels=2))
+                                mem_levels=2, mem_out_init=1.0))
   model = models.build(cfg)
   params = nn.unbox(models.init_params(model, jax.random.key(0)))
   off = recall.read_off({"params": params})["params"]
@@ -160,6 +160,11 @@ def test_run_key_ignores_model_options_at_their_defaults():
   c.model.mem_read_logn, c.model.chunk_size = True, 16
   assert recall.run_key(c)["model"]["mem_read_logn"] is True
   assert recall.run_key(c)["model"]["chunk_size"] == 16
+  # a default that changed: today's value is in the key, the old one keeps old keys
+  from mmrec_jax import bench
+  assert {"mem_out_init": 0.0, "mem_lr_scale": 0.1}.items() <= key["model"].items()
+  v0 = recall.run_key(bench.load_arm("mmrec_v0"))
+  assert "mem_out_init" not in v0["model"] and "mem_lr_scale" not in v0["model"]
 
 
 @pytest.mark.parametrize("item", ["128", "128:0", "x:10", "128:10:2", "-5:10"])

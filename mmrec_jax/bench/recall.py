@@ -43,7 +43,8 @@ evaluation sequence), and optionally `mmrec_bigmem` (16 slots per level) and
 the memory probes of the README's Recall section (`mmrec_c16`: chunks of 16
 tokens; `_qk`: `mem_qk_norm`; `_exp`: `mem_pool="exp"`; `_logn`:
 `mem_read_logn`; `_zr`: `mem_out_init=0`; `_sink`: `mem_sink`; `mmrec_c8`,
-`mmrec_c16s2`).
+`mmrec_c16s2`; these probes, and `mmrec_v0`, keep the memory's defaults until
+2026-11-28: `mem_out_init=1`, `mem_lr_scale=1`).
 Every arm uses the task tokenizer (one BPE trained on the generated text, each
 word one token), so `model.vocab_size` is that tokenizer's size.
 
@@ -76,17 +77,17 @@ from mmrec_jax import tokenizer as tok_lib
 from mmrec_jax import workdir as workdir_lib
 from mmrec_jax.errors import UsageError
 
-_C16 = bench.ARMS["mmrec_c16"][1]   # chunks of 16 tokens, 5 levels
+_V0, _C16 = bench.V0, bench.C16   # the memory's defaults until 2026-11-28; chunks of 16
 ARMS = dict(
     bench.ARMS,
-    mmrec_bigmem=("configs/tiny.py", {"mem_slots": 16}),
-    mmrec_qknorm=("configs/tiny.py", {"mem_qk_norm": True}),
+    mmrec_bigmem=("configs/tiny.py", dict(_V0, mem_slots=16)),
+    mmrec_qknorm=("configs/tiny.py", dict(_V0, mem_qk_norm=True)),
     # the probes of the README's Recall section: chunk size, slots, pooling, read
-    mmrec_c8=("configs/tiny.py", {"chunk_size": 8, "mem_levels": 6}),
-    mmrec_c16s2=("configs/tiny.py", dict(_C16, mem_slots=2, mem_levels=8)),
-    mmrec_c16exp=("configs/tiny.py", dict(_C16, mem_pool="exp")),
-    mmrec_c16qk=("configs/tiny.py", dict(_C16, mem_qk_norm=True)),
-    mmrec_c16qkexp=("configs/tiny.py", dict(_C16, mem_qk_norm=True, mem_pool="exp")),
+    mmrec_c8=("configs/tiny.py", dict(_V0, chunk_size=8, mem_levels=6)),
+    mmrec_c16s2=("configs/tiny.py", dict(_C16, **_V0, mem_slots=2, mem_levels=8)),
+    mmrec_c16exp=("configs/tiny.py", dict(_V0, **_C16, mem_pool="exp")),
+    mmrec_c16qk=("configs/tiny.py", dict(_V0, **_C16, mem_qk_norm=True)),
+    mmrec_c16qkexp=("configs/tiny.py", dict(_V0, **_C16, mem_qk_norm=True, mem_pool="exp")),
     # the best read setting with its read-out initialised at zero (`mem_out_init`)
     mmrec_c16logn_zr=("configs/tiny.py", dict(bench.ARMS["mmrec_c16logn"][1], mem_out_init=0.0)),
     # ... and with a null slot every read also sees (`mem_sink`)
@@ -394,12 +395,21 @@ def make_stream(data_dir, stream, tasks, seq_len, steps, stage, last):
 NEW_TRAIN_OPTIONS = {"lr_scales": ""}
 
 
+# Model fields whose default changed after recall runs were first keyed, with the
+# value they had then: a run keys them against that value, so a run at today's
+# default never takes the key (and the workdir) of one trained at the old one.
+KEYED_DEFAULTS = {"mmrec": dict(bench.V0)}
+
+
 def run_key(c):
-  """The config as a dict, without the model fields at their schema defaults (nor
-  the training options added since, when off): a new option, off by default, does
-  not change the key of runs made before it."""
+  """The config as a dict, without the model fields at their keyed defaults (the
+  schema's, or `KEYED_DEFAULTS` where a default changed since), nor the training
+  options added since, when off: a new option, off by default, does not change
+  the key of runs made before it."""
   d = c.to_dict()
-  fields = {f.name: f.default for f in dataclasses.fields(models.schema(d["model"]["kind"]))}
+  kind = d["model"]["kind"]
+  fields = {f.name: f.default for f in dataclasses.fields(models.schema(kind))}
+  fields.update(KEYED_DEFAULTS.get(kind, {}))
   d["model"] = {k: v for k, v in d["model"].items()
                 if k == "kind" or k not in fields or fields[k] != v}
   d["train"] = {k: v for k, v in d["train"].items() if k not in NEW_TRAIN_OPTIONS

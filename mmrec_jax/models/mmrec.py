@@ -69,11 +69,15 @@ class MMRecConfig(base.BaseConfig):
   mem_sink: bool = False
   # Initialisation scale of the memory's read-out projection (`memory/out`): 0 starts
   # the memory as an exact no-op that training opens (only `out` gets a gradient at
-  # step 0; every other memory weight follows once `out` is non-zero).
-  mem_out_init: float = 1.0
+  # step 0; every other memory weight follows once `out` is non-zero); 1, the usual
+  # initialisation (the default until 2026-11-28).
+  mem_out_init: float = 0.0
   # The memory's weights (every parameter under `memory`) step this factor times
   # the learning rate (their weight decay too); `train.lr_scales` overrides it.
-  mem_lr_scale: float = 1.0
+  # AdamW steps every weight by about the learning rate however small its gradient,
+  # and the memory's keys get ~200x less gradient than the rest (1 until 2026-11-28;
+  # README, Quality, for what the two defaults changed).
+  mem_lr_scale: float = 0.1
   # False: the memory writes the recurrence's output without passing gradient back
   # into it (a stop-gradient on what is pooled); the memory's own weights still
   # learn, and the function is the same. Reads still train the query.

@@ -48,7 +48,8 @@ def make_config(name, kind="mmrec", **model_fields):
   t.weight_decay = 0.1
   # Per-module learning-rate factors, "NAME=FACTOR,...": every parameter under a
   # module (or itself) named NAME (e.g. memory, ffn, fused, embed) steps FACTOR
-  # times as far (its weight decay too). Empty: one learning rate for all.
+  # times as far (its weight decay too). Empty: the model's own factors (MM-Rec:
+  # model.mem_lr_scale for `memory`), one learning rate for the rest.
   t.lr_scales = ""
   t.b1 = 0.9
   t.b2 = 0.95

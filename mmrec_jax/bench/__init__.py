@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from mmrec_jax import config as config_lib
-from mmrec_jax.errors import Interrupted, UsageError
+from mmrec_jax.errors import ConfigError, Interrupted, UsageError
 
 _REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 
@@ -84,7 +84,7 @@ def check_same_run(c, workdir):
     was = {**{k: v for k, v in V0.items() if k not in was}, **was}
   try:
     was = models.make_config(was).__dict__
-  except Exception:  # pylint: disable=broad-except
+  except ConfigError:   # a saved section this version cannot read: compared as saved
     pass
   now = models.make_config(c.model).__dict__
   no_memory = was.get("mem_levels") == 0 and now.get("mem_levels") == 0

@@ -37,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm_policies
 
+from mmrec_jax import models
 from mmrec_jax import workdir as workdir_lib
 from mmrec_jax.errors import LoadError, TrainError, UsageError
 
@@ -262,9 +263,11 @@ def save_run_config(workdir, config):
   workdir_lib.atomic_write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
 
 
-def load_run_config(workdir):
+def load_run_config(workdir, fill=True):
   """The run's ConfigDict, read from workdir/config.json (plain JSON, no code);
-  UsageError (one line) if it is not a JSON object with a model section."""
+  UsageError (one line) if it is not a JSON object with a model section. With
+  `fill`, a model field the run predates has the value the run had in effect
+  (`models.fill_saved`)."""
   path = os.path.join(workdir, CONFIG_FILE)
   try:
     with open(path) as f:
@@ -275,6 +278,8 @@ def load_run_config(workdir):
   if not isinstance(d, dict) or not isinstance(d.get("model"), dict):
     raise UsageError(f"{path} has no model section; it is not this project's run config: "
                      "pass another --workdir, or move the file away")
+  if fill:
+    d["model"] = models.fill_saved(d["model"])[0]
   return ml_collections.ConfigDict(d)
 
 

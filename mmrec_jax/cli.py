@@ -237,7 +237,7 @@ def field_paths(cfg, prefix=""):
   return out
 
 
-def _override_paths(argv, name):
+def override_paths(argv, name):
   """The field paths of the `--name.a.b=value` (or `--noname.a.b`) overrides in argv."""
   out = []
   for a in argv[1:]:
@@ -268,7 +268,7 @@ def check_config_overrides(argv):
       raise errors.ConfigError(f"config file {path}: get_config() returned "
                                f"{type(cfg).__name__}, not a ConfigDict")
     fields = field_paths(cfg)
-    for field in _override_paths(argv, name):
+    for field in override_paths(argv, name):
       if _lookup(cfg, field) is not _MISSING:
         continue
       parts = field.split(".")

@@ -64,9 +64,11 @@ def read_config(path):
   cpath = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(cpath):
     raise LoadError(f"{cpath} not found; {path!r} is not a training workdir or exported folder")
-  cfg = ml_collections.ConfigDict(_read_json(cpath))
-  if "model" not in cfg:
+  d = _read_json(cpath)
+  if not isinstance(d, dict) or not isinstance(d.get("model"), dict):
     raise LoadError(f"{cpath} has no 'model' section")
+  d["model"] = models.fill_saved(d["model"])[0]   # fields it predates: as it ran
+  cfg = ml_collections.ConfigDict(d)
   try:
     models.make_config(cfg.model)
   except ConfigError as e:

@@ -47,6 +47,26 @@ class Result:
 # ----------------------------------------------------------------------------- resume
 
 
+def keep_saved_fields(workdir, config, overrides, log):
+  """A run saved before a model field existed resumes with the value it had in
+  effect then (`BEFORE_FIELDS`), not today's default, unless this command sets the
+  field (`overrides`: the model field names it sets); a note says which."""
+  if not os.path.exists(os.path.join(workdir, ckpt_lib.CONFIG_FILE)):
+    return
+  raw = ckpt_lib.load_run_config(workdir, fill=False).model
+  if raw.get("kind", models.DEFAULT_KIND) != config.model.get("kind", models.DEFAULT_KIND):
+    return   # another model: check_workdir_model refuses it
+  filled, names = models.fill_saved(raw)
+  for k in names:
+    if k in overrides or config.model.get(k) == filled[k]:
+      continue
+    log(f"note: this run was saved before model.{k} existed; it resumes with the value it "
+        f"trained with, {filled[k]!r}, not today's default {config.model.get(k)!r} "
+        f"(pass --config.model.{k}=VALUE to change it)")
+    with config.unlocked():
+      config.model[k] = filled[k]
+
+
 def check_workdir_model(workdir, config, log):
   """ConfigError if the workdir's saved model has other parameter shapes than
   `config.model`; a note for fields that differ but keep the shapes (how the
@@ -183,12 +203,13 @@ class CheckpointHook:
 class Loop:
   """One run: its setup, state, data, writers and the hooks' shared counters."""
 
-  def __init__(self, config, workdir, devices=None, quiet=False, init_from=None):
+  def __init__(self, config, workdir, devices=None, quiet=False, init_from=None, overrides=()):
     self.config, self.workdir = config, workdir
     t = config.train
     self.is_main = jax.process_index() == 0
     self.show = self.is_main and not quiet
     self.log = print if self.show else (lambda *a, **k: None)
+    keep_saved_fields(workdir, config, overrides, self.log)
     check_workdir_model(workdir, config, self.log)
     self.tok = data_lib.get_tokenizer(config, workdir)
     self.ds = data_lib.build(config, self.tok, process_index=jax.process_index(),
@@ -423,16 +444,18 @@ def sample(loop, n_samples, n_tokens, seed):
   return [(tok.decode(p), tok.decode(n)) for p, n in zip(prompts, new)]
 
 
-def run(config, workdir, devices=None, quiet=False, init_from=None):
+def run(config, workdir, devices=None, quiet=False, init_from=None, overrides=()):
   """Trains (or resumes) the run in `workdir`; returns a `Result`.
 
   `init_from`: parameters to start a fresh run from (ignored when the workdir
-  already has a checkpoint to resume).
+  already has a checkpoint to resume). `overrides`: the model fields the caller
+  set on purpose; a run saved before one of them existed takes the caller's
+  value, where otherwise it keeps the value it trained with (`keep_saved_fields`).
   """
   config_lib.validate(config)
   t0 = time.time()
   with workdir_lib.lock(workdir, enabled=jax.process_index() == 0):
-    loop = Loop(config, workdir, devices, quiet, init_from)
+    loop = Loop(config, workdir, devices, quiet, init_from, overrides)
     step, sig = loop.run()
     s = loop.summary(step, time.time() - t0)
     if loop.is_main:

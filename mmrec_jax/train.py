@@ -56,7 +56,9 @@ def main(argv):
   config_lib.validate(config)
   show_library_warnings()
   workdir = flags.FLAGS.workdir or os.path.join("runs", config.model.name)
-  result = run(config, workdir)
+  overrides = {p.split(".", 1)[1] for p in cli.override_paths(sys.argv, "config")
+               if p.startswith("model.")}
+  result = run(config, workdir, overrides=overrides)
   if result.reason == "interrupted":
     raise Interrupted(
         f"interrupted by {result.signal} at step {result.step}; checkpoint saved in "

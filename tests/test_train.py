@@ -16,6 +16,7 @@ import pytest
 
 from mmrec_jax import checkpoint as ckpt_lib
 from mmrec_jax import config as config_lib
+from mmrec_jax import loading
 from mmrec_jax import loop
 from mmrec_jax import optimizer as opt_lib
 from mmrec_jax import sharding as shard_lib
@@ -195,6 +196,40 @@ def test_model_config_mismatch_on_resume_is_an_error(reference, corpus):
       "model.dtype": "bfloat16", "model.remat": "full", "model.scan_layers": True,
       "model.max_seq_len": 4096}), notes.append)
   assert len(notes) == 1 and "model.scan_layers" in notes[0] and "model.max_seq_len" in notes[0]
+
+
+def test_a_run_saved_before_a_field_existed_resumes_as_it_trained(reference, tmp_path):
+  """model.mem_lr_scale came with a new default (0.1; 1 before it existed): a run
+  saved without the field resumes at 1 unless this command sets it, and says so."""
+  workdir, _, _ = reference
+
+  def old_run(name):
+    d = str(tmp_path / name)
+    shutil.copytree(workdir, d, ignore=shutil.ignore_patterns(".lock*"))
+    path = os.path.join(d, ckpt_lib.CONFIG_FILE)
+    saved = json.load(open(path))
+    del saved["model"]["mem_lr_scale"]
+    json.dump(saved, open(path, "w"))
+    return d
+
+  d = old_run("kept")
+  assert ckpt_lib.load_run_config(d).model.mem_lr_scale == 1.0   # read as it ran
+  assert loading.read_config(d).model.mem_lr_scale == 1.0        # so do inference, export
+  config, notes = reference[1].copy_and_resolve_references(), []
+  assert config.model.mem_lr_scale == 0.1                       # today's default
+  loop.keep_saved_fields(d, config, (), notes.append)
+  assert config.model.mem_lr_scale == 1.0
+  assert len(notes) == 1 and "model.mem_lr_scale" in notes[0] and "1.0" in notes[0]
+  # Through a resume: the rewritten config.json records the value the run kept.
+  config = reference[1].copy_and_resolve_references()
+  done = train.run(config, d, devices=jax.devices()[:1], quiet=True)
+  assert done.step == 12
+  assert json.load(open(os.path.join(d, ckpt_lib.CONFIG_FILE)))["model"]["mem_lr_scale"] == 1.0
+  # This command sets the field: its value wins.
+  d = old_run("set")
+  config = reference[1].copy_and_resolve_references()
+  train.run(config, d, devices=jax.devices()[:1], quiet=True, overrides={"mem_lr_scale"})
+  assert json.load(open(os.path.join(d, ckpt_lib.CONFIG_FILE)))["model"]["mem_lr_scale"] == 0.1
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):

@@ -78,10 +78,8 @@ def check_same_run(c, workdir):
   from mmrec_jax import models  # pylint: disable=import-outside-toplevel
   if not os.path.exists(os.path.join(workdir, ckpt_lib.CONFIG_FILE)):
     return
-  saved = ckpt_lib.load_run_config(workdir)
+  saved = ckpt_lib.load_run_config(workdir)   # a field it predates: the value it ran with
   was = saved.model.to_dict()
-  if was.get("kind", "mmrec") == "mmrec":   # a field saved before it existed had its V0 value
-    was = {**{k: v for k, v in V0.items() if k not in was}, **was}
   try:
     was = models.make_config(was).__dict__
   except ConfigError:   # a saved section this version cannot read: compared as saved

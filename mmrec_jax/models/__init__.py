@@ -59,6 +59,18 @@ def make_config(model_cfg) -> BaseConfig:
   return schema(d["kind"]).from_dict(d)
 
 
+def fill_saved(saved_model):
+  """(model dict, names filled): a model section read from a saved run, with each
+  field it predates set to the value the run had in effect (`BEFORE_FIELDS`),
+  not to today's default. An unknown kind is returned as it is."""
+  d = saved_model.to_dict() if hasattr(saved_model, "to_dict") else dict(saved_model)
+  kind = d.get("kind", DEFAULT_KIND)
+  if kind not in REGISTRY:
+    return d, []
+  missing = {k: v for k, v in REGISTRY[kind][0].BEFORE_FIELDS.items() if k not in d}
+  return {**d, **missing}, sorted(missing)
+
+
 def build(model_cfg) -> nn.Module:
   """The Flax module of a model section."""
   cfg = make_config(model_cfg)

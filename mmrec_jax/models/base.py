@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from typing import ClassVar
 
 from mmrec_jax.errors import ConfigError
 from mmrec_jax.models import layers
@@ -44,6 +45,12 @@ class BaseConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True       # rolled layer loop (compile time independent of depth)
   remat: str = "none"            # none | full | dots | dots_no_batch
+
+  # A field added after runs were saved without it, with the value those runs had
+  # in effect (a new field's default may differ from the behaviour before it):
+  # reading a saved config fills such a missing field with this value, never
+  # with today's default, so a run resumes and a checkpoint loads as it trained.
+  BEFORE_FIELDS: ClassVar[dict] = {}
 
   def __post_init__(self):
     self.validate()

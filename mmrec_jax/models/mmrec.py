@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -44,6 +45,7 @@ MAX_INIT_DECAY = 0.99999
 class MMRecConfig(base.BaseConfig):
   """The MM-Rec model section (`model.kind = "mmrec"`)."""
   kind: str = "mmrec"
+  BEFORE_FIELDS: ClassVar[dict] = {"mem_lr_scale": 1.0}   # added 2026-11-28
   mdi_hidden_div: int = 4        # f_base / f_ctx hidden width = D / mdi_hidden_div
   # Long-term memory (HDS): chunks of `chunk_size` tokens; `mem_levels` levels of
   # `mem_slots` slots, level l holding means of 2**l chunk summaries.

@@ -92,6 +92,8 @@ ARMS = dict(
     mmrec_c16logn_zr=("configs/tiny.py", dict(bench.ARMS["mmrec_c16logn"][1], mem_out_init=0.0)),
     # ... and with a null slot every read also sees (`mem_sink`)
     mmrec_c16logn_sink=("configs/tiny.py", dict(bench.ARMS["mmrec_c16logn"][1], mem_sink=True)),
+    # ... and with the memory's defaults of now (read-out at zero, a tenth of the lr)
+    mmrec_c16logn_new=("configs/tiny.py", dict(_C16, mem_read_logn=True)),
 )
 TASKS = ("passkey", "mqar", "multikey")
 FILLER = ("the grass is green . the sky is blue . the sun is yellow . here we go . "

@@ -92,6 +92,8 @@ ARMS = dict(
     mmrec_c16logn_zr=("configs/tiny.py", dict(bench.ARMS["mmrec_c16logn"][1], mem_out_init=0.0)),
     # ... and with a null slot every read also sees (`mem_sink`)
     mmrec_c16logn_sink=("configs/tiny.py", dict(bench.ARMS["mmrec_c16logn"][1], mem_sink=True)),
+    # ... and with normalised queries and keys (`mem_qk_norm`: more gradient to the keys)
+    mmrec_c16logn_qk=("configs/tiny.py", dict(bench.ARMS["mmrec_c16logn"][1], mem_qk_norm=True)),
     # ... and with the memory's defaults of now (read-out at zero, a tenth of the lr)
     mmrec_c16logn_new=("configs/tiny.py", dict(_C16, mem_read_logn=True)),
 )

@@ -24,11 +24,12 @@ readable slots (the pending slots of levels >= 1 are readable too; level 0 has
 no pending slot: a summary enters it directly). A token reads only memory written by
 chunks before its own (block-causal).
 
-Training computes every chunk's summary in parallel, runs the memory writes as
-a short scan over chunk ends (T / C steps), and lets each token attend to the
-snapshot of the memory it may see. Decoding one token at a time uses the same
-`write` (only when a chunk ends) and `read` (the same attention over the
-readable slots), so both give the same numbers.
+Training computes every chunk's summary in parallel, then every snapshot of the
+memory at once (`write_chunks`: which chunks an entry pools depends only on how
+many were written, so each entry is a masked sum over the chunks, no loop over
+writes), and lets each token attend to the snapshot it may see. Decoding one
+token at a time applies `write` when a chunk ends and `read` (the same attention
+over the readable slots), so both give the same numbers up to rounding.
 
 Everything here is for ONE sequence; the layer vmaps it over the batch.
 """
@@ -123,9 +124,9 @@ def chunk_events(pos_T, last_reset_T, chunk):
   Returns:
     end_K: token index of each of the first K chunk ends (K = T // C + 1 bound).
     end_valid_K: which of those are real.
-    clear_K: whether a reset happened since the previous chunk end.
     k_T: how many chunk ends come strictly before each token.
     cleared_T: the token's document started after the last chunk end before it.
+    end_T: whether each token ends a chunk.
   """
   T = pos_T.shape[0]
   t_T = jnp.arange(T)
@@ -134,30 +135,96 @@ def chunk_events(pos_T, last_reset_T, chunk):
   (end_K,) = jnp.nonzero(end_T, size=K, fill_value=T - 1)
   n_end = jnp.sum(end_T)
   end_valid_K = jnp.arange(K) < n_end
-  prev_end_K = jnp.concatenate([jnp.array([-1]), end_K[:-1]])
-  clear_K = last_reset_T[end_K] > prev_end_K
   k_T = jnp.cumsum(end_T) - end_T
   last_end_T = jax.lax.cummax(jnp.where(end_T, t_T, -1))
   last_end_before_T = jnp.concatenate([jnp.array([-1]), last_end_T[:-1]])
   cleared_T = last_reset_T > last_end_before_T
-  return end_K, end_valid_K, clear_K, k_T, cleared_T, end_T
+  return end_K, end_valid_K, k_T, cleared_T, end_T
 
 
-def run_writes(mem0, kv_KX, mass_K, valid_K, clear_K):
-  """Applies the chunk writes (one key+value vector and its mass each) in order;
-  returns the K+1 snapshots and the final memory."""
-  empty = jax.tree_util.tree_map(jnp.zeros_like, mem0)
+def entry_blocks(n, levels, slots):
+  """Which chunks each readable entry holds after `n` writes into an empty memory.
 
-  def step(mem, xs):
-    s_D, m, ok, clear = xs
-    cleared = jax.tree_util.tree_map(lambda e, m: jnp.where(clear, e, m), empty, mem)
-    new = write(cleared, s_D, m)
-    mem = jax.tree_util.tree_map(lambda n, m: jnp.where(ok, n, m), new, mem)
-    return mem, mem
+  The structure is a function of the count alone: level 0 holds the last S
+  chunks; the items evicted from level l-1 pair up in order, so level l's item
+  i is the (mass-weighted) pool of chunks [i 2**l, (i+1) 2**l). With E_l items
+  ever entered into level l (E_0 = n) and V_l = max(E_l - S, 0) evicted from it,
+  E_{l+1} = V_l // 2, level l's slot s holds item E_l - 1 - s (if >= 0), and
+  level l's pending slot holds level l-1's last evicted item when V_{l-1} is odd.
+  `n`: int array of any shape; returns (lo, hi, valid), each [..., M] in the
+  order of `readable` (all slots level by level, then the pending slots of
+  levels 1..L-1): entry m pools chunks [lo, hi) when valid.
+  """
+  n = jnp.asarray(n, jnp.int32)[..., None]
+  s_S = jnp.arange(slots, dtype=jnp.int32)
+  los, his, oks, plos, phis, poks = [], [], [], [], [], []
+  entered = n
+  for l in range(levels):
+    i = entered - 1 - s_S
+    los.append(i << l)
+    his.append((i + 1) << l)
+    oks.append(i >= 0)
+    evicted = jnp.maximum(entered - slots, 0)
+    if l + 1 < levels:   # level l+1's pending slot: level l's last evicted item, if unpaired
+      plos.append((evicted - 1) << l)
+      phis.append(evicted << l)
+      poks.append(evicted % 2 == 1)
+    entered = evicted // 2
+  cat = lambda xs: jnp.concatenate(xs, axis=-1)
+  return cat(los + plos), cat(his + phis), cat(oks + poks)
 
-  final, snaps = jax.lax.scan(step, mem0, (kv_KX, mass_K, valid_K, clear_K))
-  snaps = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), mem0, snaps)
-  return snaps, final
+
+def write_chunks(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K):
+  """The memory after each of K chunk writes, in closed form (no loop over writes).
+
+  `mem0` holds the memory of the carried document after `n0` writes (its
+  position // C); write k stores chunk `chunk_K[k]` (its index in its document)
+  of document `doc_K[k]` (-1: the carried one; a new document starts from an
+  empty memory), its key+value `kv_KX[k]` and mass `mass_K[k]`, if `valid_K[k]`
+  (the valid writes come first). Every entry of every snapshot is the
+  mass-weighted mean of the chunks `entry_blocks` gives it, summed from the
+  sources that hold them: the entries of `mem0` (each a whole block, in the
+  carried document) and the new chunks, as one matmul. The same numbers as
+  `write` applied in order, up to rounding.
+  Returns the readable entries [K+1, M, X] and their mask [K+1, M] of every
+  snapshot (snapshot 0 is `mem0`; snapshot k follows write k, or the last valid
+  write), and the memory after the last valid write.
+  """
+  levels, slots, width = mem0.slots.shape
+  K = kv_KX.shape[0]
+  # Sources: mem0's entries (mass * value, mass) and the new chunks.
+  lo0, hi0, ok0 = entry_blocks(n0, levels, slots)
+  alive0 = ok0 & jnp.concatenate([mem0.valid.reshape(-1), mem0.pend_n > 0])
+  mv0 = jnp.concatenate([(mem0.slots * mem0.mass[..., None]).reshape(-1, width), mem0.pend])
+  m0 = jnp.concatenate([mem0.mass.reshape(-1), mem0.pend_mass])
+  mass_K = jnp.maximum(mass_K, MIN_MASS)
+  src_lo = jnp.concatenate([lo0, chunk_K])
+  src_hi = jnp.concatenate([hi0, chunk_K + 1])
+  src_ok = jnp.concatenate([alive0, valid_K])
+  src_doc = jnp.concatenate([jnp.full(lo0.shape, -1, doc_K.dtype), doc_K])
+  src_mv = jnp.concatenate([mv0, mass_K[:, None] * kv_KX])
+  src_m = jnp.concatenate([m0, mass_K])
+  # Snapshots: 0 is mem0; k >= 1 follows the last valid write up to k.
+  last = jnp.minimum(jnp.arange(K + 1), jnp.sum(valid_K)) - 1          # -1: mem0
+  n_K1 = jnp.where(last >= 0, chunk_K[jnp.maximum(last, 0)] + 1, n0)
+  doc_K1 = jnp.where(last >= 0, doc_K[jnp.maximum(last, 0)], -1)
+  lo, hi, ok = entry_blocks(n_K1, levels, slots)                        # [K+1, M]
+  member = (ok[..., None] & src_ok & (src_doc == doc_K1[:, None, None])
+            & (lo[..., None] <= src_lo) & (src_hi <= hi[..., None])).astype(jnp.float32)
+  hp = jax.lax.Precision.HIGHEST
+  mv_KMX = jnp.einsum("kms,sx->kmx", member, src_mv, precision=hp)
+  m_KM = jnp.einsum("kms,s->km", member, src_m, precision=hp)
+  valid_KM = ok & (m_KM > 0)
+  m_KMX = mv_KMX / jnp.maximum(m_KM, MIN_MASS)[..., None]
+  # The memory after the last write, in the layout `write` keeps.
+  n_slots = levels * slots
+  final = Memory(
+      slots=m_KMX[-1, :n_slots].reshape(levels, slots, width),
+      valid=valid_KM[-1, :n_slots].reshape(levels, slots),
+      mass=m_KM[-1, :n_slots].reshape(levels, slots),
+      pend=mv_KMX[-1, n_slots:], pend_mass=m_KM[-1, n_slots:],
+      pend_n=valid_KM[-1, n_slots:].astype(jnp.int32))
+  return m_KMX, valid_KM, final
 
 
 def _masked_softmax(logits, mask, axes, logn=False, sink=None):
@@ -228,35 +295,42 @@ def attend(q_THd, keys_KMHd, values_KMHd, valid_KM, k_T, cleared_T, window, scal
   """Each token attends to the memory snapshot it may see (multi-head).
 
   Tokens are taken in windows of at most C consecutive positions; a window
-  holds at most one chunk end, so its tokens see one of two snapshots.
-  `scale_H`: see `_normalise`; `logn`, `sink`: see `read`. Returns [T, H, hd]
-  float32; without a sink, an empty memory reads as zeros.
+  holds at most one chunk end, so its tokens see one of two snapshots: the
+  window's 2M slots are attended as one batched matmul per (window, head),
+  each token's other snapshot masked out. `scale_H`: see `_normalise`; `logn`,
+  `sink`: see `read`. Returns [T, H, hd] float32; without a sink, an empty
+  memory reads as zeros.
   """
   T, H, hd = q_THd.shape
   q_THd, keys_KMHd = _normalise(q_THd, keys_KMHd, scale_H)
-  K1 = keys_KMHd.shape[0]
+  K1, M = keys_KMHd.shape[:2]
   pad = (-T) % window
   if pad:
     q_THd = jnp.concatenate([q_THd, jnp.zeros((pad, H, hd), q_THd.dtype)])
     k_T = jnp.concatenate([k_T, jnp.broadcast_to(k_T[-1], (pad,))])
     cleared_T = jnp.concatenate([cleared_T, jnp.ones((pad,), bool)])
   n = (T + pad) // window
-  q_NWHd = q_THd.reshape(n, window, H, hd)
+  q_NHWd = jnp.swapaxes(q_THd.reshape(n, window, H, hd), 1, 2)
   k_NW = k_T.reshape(n, window)
   lo_N = k_NW[:, 0]
   idx_N2 = jnp.minimum(lo_N[:, None] + jnp.arange(2)[None], K1 - 1)
-  kk_N2MHd = keys_KMHd[idx_N2]
-  vv_N2MHd = values_KMHd[idx_N2]
-  ok_N2M = valid_KM[idx_N2]
-  logits = jnp.einsum("nwhd,njmhd->nwhjm", q_NWHd, kk_N2MHd,
-                      preferred_element_type=jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
+  # The two snapshots of each window, selected by a one-hot matmul, exact at the
+  # highest precision (on CPU a gather of whole snapshots, and its scatter-add
+  # gradient, cost several times more).
+  pick_PK = (idx_N2.reshape(-1)[:, None] == jnp.arange(K1)[None]).astype(keys_KMHd.dtype)
+  take = lambda x_KMHd: jnp.transpose(jnp.dot(
+      pick_PK, x_KMHd.reshape(K1, -1), precision=jax.lax.Precision.HIGHEST).reshape(
+      n, 2, M, H, hd), (0, 3, 1, 2, 4)).reshape(n, H, 2 * M, hd)
+  kk_NHSd, vv_NHSd = take(keys_KMHd), take(values_KMHd)
+  logits_NHWS = jnp.einsum("nhwd,nhsd->nhws", q_NHWd, kk_NHSd,
+                           preferred_element_type=jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
   sel_NW2 = (k_NW - lo_N[:, None])[..., None] == jnp.arange(2)
-  mask = (sel_NW2[:, :, None, :, None] & ok_N2M[:, None, None, :, :]
-          & ~cleared_T.reshape(n, window)[:, :, None, None, None])
-  p, ps = _masked_softmax(logits, mask, (-2, -1), logn,
-                          None if sink is None else sink[0][:, None, None])
-  out_NWHd = jnp.einsum("nwhjm,njmhd->nwhd", p.astype(vv_N2MHd.dtype), vv_N2MHd,
+  mask_NWS = ((sel_NW2[..., None] & valid_KM[idx_N2][:, None]).reshape(n, window, 2 * M)
+              & ~cleared_T.reshape(n, window)[:, :, None])
+  p, ps = _masked_softmax(logits_NHWS, mask_NWS[:, None], -1, logn,
+                          None if sink is None else sink[0][None, :, None, None])
+  out_NHWd = jnp.einsum("nhws,nhsd->nhwd", p.astype(vv_NHSd.dtype), vv_NHSd,
                         preferred_element_type=jnp.float32)
   if sink is not None:
-    out_NWHd = out_NWHd + ps[..., 0, 0, None] * sink[1]
-  return out_NWHd.reshape(n * window, H, hd)[:T]
+    out_NHWd = out_NHWd + ps * sink[1][None, :, None, :]
+  return jnp.swapaxes(out_NHWd, 1, 2).reshape(n * window, H, hd)[:T]

@@ -302,6 +302,44 @@ def test_memory_write_follows_the_level_and_pooling_rules():
   assert int(np.asarray(mem.valid).sum()) == L * S   # 40 writes fill every level
 
 
+@pytest.mark.parametrize("levels,slots", [(3, 2), (1, 3), (4, 1)])
+def test_all_writes_at_once_equal_the_writes_in_order(levels, slots):
+  """Training's closed form (every snapshot from the write count) gives what
+  `write` (decoding) gives applied chunk by chunk: from a carried memory, across
+  a document start inside the window, with trailing writes that do not happen."""
+  W, K, n0 = 6, 9, 11
+  rng = np.random.default_rng(levels)
+  write = jax.jit(mem_lib.write)
+  mem0 = mem_lib.empty_memory(levels, slots, W)
+  for _ in range(n0):   # the carried document's first n0 chunks
+    mem0 = write(mem0, jnp.asarray(rng.normal(size=W), jnp.float32),
+                 jnp.float32(rng.uniform(0.01, 5.0)))
+  kv = rng.normal(size=(K, W)).astype(np.float32)
+  mass = rng.uniform(0.01, 5.0, size=K).astype(np.float32)
+  mass[2] = 0.0                                         # clamped to MIN_MASS, as `write` does
+  valid = np.arange(K) < 7                              # the last two do not happen
+  doc = np.array([-1, -1, -1, 40, 40, 40, 40, 40, 40])  # a document starts before write 3
+  chunk = np.array([n0, n0 + 1, n0 + 2, 0, 1, 2, 3, 4, 5])
+  m_KMX, valid_KM, final = jax.jit(mem_lib.write_chunks)(
+      mem0, jnp.int32(n0), jnp.asarray(kv), jnp.asarray(mass), jnp.asarray(valid),
+      jnp.asarray(doc), jnp.asarray(chunk))
+  mem, snaps = mem0, [mem_lib.readable(mem0)]
+  for k in range(K):
+    if valid[k]:
+      if k == 3:
+        mem = mem_lib.empty_memory(levels, slots, W)
+      mem = write(mem, jnp.asarray(kv[k]), jnp.float32(mass[k]))
+    snaps.append(mem_lib.readable(mem))
+  for k, (ref_m, ref_v) in enumerate(snaps):
+    np.testing.assert_array_equal(np.asarray(valid_KM[k]), np.asarray(ref_v), err_msg=f"{k}")
+    np.testing.assert_allclose(np.where(ref_v[:, None], m_KMX[k], 0), np.asarray(ref_m),
+                               rtol=1e-5, atol=1e-5, err_msg=f"snapshot {k}")
+  for field in ("slots", "valid", "mass", "pend", "pend_mass", "pend_n"):
+    np.testing.assert_allclose(np.asarray(getattr(final, field), np.float32),
+                               np.asarray(getattr(mem, field), np.float32),
+                               rtol=1e-5, atol=1e-5, err_msg=field)
+
+
 def test_a_salient_chunk_survives_merging_with_filler():
   """A chunk of high mass keeps its summary through merges with low-mass chunks."""
   L, S, W = 4, 1, 3

@@ -302,7 +302,7 @@ class HDSMemory(nn.Module):
     pos_BT, last_reset_BT = jax.vmap(mem_lib.positions)(state.pos, reset_BT)
     start_BT = pos_BT % cfg.chunk_size == 0
     ev = jax.vmap(lambda p, r: mem_lib.chunk_events(p, r, cfg.chunk_size))(pos_BT, last_reset_BT)
-    end_BK, end_valid_BK, clear_BK, k_BT, cleared_BT, is_end_BT = ev
+    end_BK, end_valid_BK, k_BT, cleared_BT, is_end_BT = ev
     # (sum w*h, sum w) of each ending chunk and of the unfinished last one, as
     # masked sums over the chunk's tokens; segment 0 continues the carried chunk.
     x_BTX = jnp.concatenate([w_BT[..., None] * h_BTD, w_BT[..., None]], axis=-1)
@@ -321,9 +321,12 @@ class HDSMemory(nn.Module):
     kv_BKX = summarise_kv(acc_BKX)
 
     # A chunk's mass (its tokens' total pooling weight) weights it when levels merge.
-    snaps, final = jax.vmap(mem_lib.run_writes)(state.memory, kv_BKX, acc_BKX[..., D],
-                                                end_valid_BK, clear_BK)
-    m_BKMX, valid_BKM = jax.vmap(jax.vmap(mem_lib.readable))(snaps)
+    # Each write's document (-1: the carried one) and chunk index in it.
+    doc_BK = jnp.take_along_axis(last_reset_BT, end_BK, axis=1)
+    chunk_BK = jnp.take_along_axis(pos_BT, end_BK, axis=1) // cfg.chunk_size
+    m_BKMX, valid_BKM, final = jax.vmap(mem_lib.write_chunks)(
+        state.memory, state.pos // cfg.chunk_size, kv_BKX, acc_BKX[..., D], end_valid_BK,
+        doc_BK, chunk_BK)
     K1, M = m_BKMX.shape[1:3]
     keys = m_BKMX[..., :D].astype(dt).reshape(B, K1, M, H, D // H)
     vals = m_BKMX[..., D:].astype(dt).reshape(B, K1, M, H, D // H)

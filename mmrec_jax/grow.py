@@ -74,7 +74,8 @@ QUERY_KERNEL = "blocks/fused/kernel"
 READ_SCALE = "memory/read_scale"
 # Fields that only change how a model runs or trains, never its function.
 RUNTIME_FIELDS = ("name", "max_seq_len", "dropout", "dtype", "param_dtype", "scan_layers",
-                  "remat", "scan_impl", "scan_chunk", "decay_min", "decay_max", "mem_out_init",
+                  "remat", "matmul_dtype", "scan_impl", "scan_chunk", "decay_min", "decay_max",
+                  "mem_out_init",
                   "mem_lr_scale", "mem_write_grad",
                   "moe_capacity_factor", "moe_loss_weight", "moe_impl", "uboo_weight",
                   "use_uboo")

@@ -241,7 +241,8 @@ class Loop:
     self.bar = metrics_lib.Progress(self.start, self.total_steps, enabled=self.show)
     n_dev = self.s.mesh.devices.size
     self.flops_train = ts_lib.flops_per_token_train(self.s, t.seq_len)
-    self.peak = metrics_lib.peak_flops_per_device(self.s.mesh.devices.flat[0]) * n_dev
+    self.peak = metrics_lib.peak_flops_per_device(
+        self.s.mesh.devices.flat[0], models.make_config(config.model).matmul_compute_dtype) * n_dev
     self.tokens_per_step = t.batch_size * t.seq_len
     self.t_mark, self.steps_mark, self.compile_s = None, self.start, None
     self.t_start = time.time()

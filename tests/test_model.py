@@ -263,6 +263,47 @@ def test_bfloat16_compute_tracks_float32():
   assert float(jnp.abs(lo - ref).max()) < 0.1 * float(jnp.abs(ref).max())
 
 
+@pytest.mark.parametrize("kind", ["mmrec", "transformer"])
+def test_bfloat16_matmuls_track_float32_in_values_and_gradients(kind):
+  """`matmul_dtype="bfloat16"` on a float32 model: every dense layer's and the head's
+  matmul, forward and gradient, runs on bfloat16 operands with float32 results
+  (what makes it fast on AMX CPUs); logits and gradients stay close to float32's."""
+  cfg = (ALL_ON.replace(dropout=0.0, use_moe=False) if kind == "mmrec"
+         else models.make_config({"kind": "transformer", "vocab_size": V, "d_model": 32,
+                                  "n_layers": 2, "n_heads": 4}))
+  model = models.build(cfg)
+  params = nn.unbox(models.init_params(model, jax.random.key(0)))
+  toks = _tokens(2, 24)
+
+  def loss(p, m):
+    logits = m.apply({"params": p}, toks)[0]
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+
+  fn = lambda m: jax.jit(jax.value_and_grad(lambda p: loss(p, m), has_aux=True))
+  (_, ref), g_ref = fn(model)(params)
+  mixed = models.build(cfg.replace(matmul_dtype="bfloat16"))
+  (_, lo), g_lo = fn(mixed)(params)
+  assert lo.dtype == jnp.float32
+  assert 0 < float(jnp.abs(lo - ref).max()) < 0.05 * float(jnp.abs(ref).max())
+  for a, b in zip(jax.tree_util.tree_leaves(g_ref), jax.tree_util.tree_leaves(g_lo)):
+    assert b.dtype == jnp.float32
+    assert float(jnp.linalg.norm(a - b)) <= 0.05 * float(jnp.linalg.norm(a)) + 1e-6
+  # Every dense kernel's matmuls (2-D: forward and the gradient's) take bfloat16
+  # operands; only the memory's batched products (its read over slots, chunk
+  # sums) stay in the compute dtype.
+  hlo = fn(mixed).lower(params).as_text()
+  dots = [l.split(":")[-1] for l in hlo.splitlines() if "dot_general" in l]
+  plain = [d for d in dots if d.split(">")[0].count("x") == 2]
+  kernels = [k for k in jax.tree_util.tree_flatten_with_path(params["blocks"])[0]
+             if "kernel" in jax.tree_util.keystr(k[0])]
+  assert all("bf16" in d for d in plain) and len(plain) >= 2 * len(kernels) > 0, plain
+
+
+def test_matmul_dtype_is_validated():
+  with pytest.raises(Exception, match="model.matmul_dtype='int8' is unknown"):
+    ALL_ON.replace(matmul_dtype="int8").validate()
+
+
 def _total(name):
   from mmrec_jax import config as config_lib
   from mmrec_jax.params import count_by_module

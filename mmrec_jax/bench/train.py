@@ -13,6 +13,7 @@ from absl import logging
 
 from mmrec_jax import bench
 from mmrec_jax import metrics as metrics_lib
+from mmrec_jax import models
 from mmrec_jax import train_state as ts_lib
 
 FLAGS = flags.FLAGS
@@ -41,7 +42,8 @@ def main(argv):
     peaks[dt] = metrics_lib.matmul_peak(
         dev, jnp.dtype(dt), sizes=(2048, 4096, 8192) if big else (512, 1024, 2048),
         reps=FLAGS.peak_reps)
-  measured = peaks["bfloat16" if c.model.dtype == "bfloat16" else "float32"][0]
+  mm_dtype = jnp.dtype(models.make_config(c.model).matmul_compute_dtype).name
+  measured = peaks["bfloat16" if mm_dtype == "bfloat16" else "float32"][0]
   print(f"device: {n_dev} x {dev.device_kind} ({dev.platform}), model {c.model.name}, "
         f"batch {FLAGS.batch} x {FLAGS.seq_len}, loss {float(m['loss']):.4f}")
   print(f"compile: {compile_s:.2f}s")
@@ -53,7 +55,7 @@ def main(argv):
           f"{FLAGS.peak_reps} repetitions per size; median (p10-p90) GFLOP/s: "
           f"{metrics_lib.format_peak(table)}")
   print(f"MFU: {100 * metrics_lib.mfu(tokens_s, flops_tok, measured * n_dev):.2f}% of the "
-        f"measured {c.model.dtype} matmul peak of {measured / 1e9:,.1f} GFLOP/s per device")
+        f"measured {mm_dtype} matmul peak of {measured / 1e9:,.1f} GFLOP/s per device")
   if big:
     vendor = metrics_lib.peak_flops_per_device(dev)
     print(f"MFU: {100 * metrics_lib.mfu(tokens_s, flops_tok, vendor * n_dev):.2f}% of the "

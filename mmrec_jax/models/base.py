@@ -43,6 +43,11 @@ class BaseConfig:
   dropout: float = 0.0
   dtype: str = "float32"         # compute dtype
   param_dtype: str = "float32"
+  # The dense layers' and the head's matmuls: "" computes them in `dtype`; a dtype
+  # name takes their inputs in it and accumulates and returns in `dtype` (with
+  # "bfloat16" on a float32 model, forward and gradient matmuls run in bfloat16
+  # with float32 accumulation: 2.5-3.5x faster on CPUs with AMX, see README).
+  matmul_dtype: str = ""
   scan_layers: bool = True       # rolled layer loop (compile time independent of depth)
   remat: str = "none"            # none | full | dots | dots_no_batch
 
@@ -68,6 +73,9 @@ class BaseConfig:
           f"model.dtype={self.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
     check(self.param_dtype in DTYPES,
           f"model.param_dtype={self.param_dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+    check(self.matmul_dtype in ("",) + tuple(DTYPES),
+          f"model.matmul_dtype={self.matmul_dtype!r} is unknown; use one of {', '.join(DTYPES)} "
+          "or '' (the compute dtype)")
     check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
           f"model.dropout={self.dropout} must be in [0, 1)")
 
@@ -100,3 +108,13 @@ class BaseConfig:
   @property
   def params_dtype(self):
     return layers.DTYPES[self.param_dtype]
+
+  @property
+  def matmul_compute_dtype(self):
+    """The dtype the dense layers' matmuls take their inputs in."""
+    return layers.DTYPES[self.matmul_dtype or self.dtype]
+
+  @property
+  def dot_general(self):
+    """The dense layers' `dot_general` (None: flax's own, in the compute dtype)."""
+    return layers.mixed_dot(self)

@@ -6,6 +6,7 @@ the sharding rules map onto the mesh and the growth code dispatches on.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -32,11 +33,58 @@ def scaled(scale=1.0):
   return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mixed_matmul(x_MK, w_KN, dtype):
+  """x @ w with both operands in `dtype`, accumulated in float32, returned in x's
+  dtype; the gradient's two matmuls likewise (a custom VJP: autodiff would
+  multiply the float32 cotangent by a widened operand, at float32 speed)."""
+  return _mixed_fwd(x_MK, w_KN, dtype)[0]
+
+
+def _mixed_fwd(x_MK, w_KN, dtype):
+  xl, wl = x_MK.astype(dtype), w_KN.astype(dtype)
+  return jnp.dot(xl, wl, preferred_element_type=jnp.float32).astype(x_MK.dtype), (xl, wl)
+
+
+def _mixed_bwd(dtype, res, g_MN):
+  xl, wl = res
+  gl = g_MN.astype(dtype)
+  dx = jnp.dot(gl, wl.T, preferred_element_type=jnp.float32).astype(g_MN.dtype)
+  dw = jnp.dot(xl.T, gl, preferred_element_type=jnp.float32).astype(g_MN.dtype)
+  return dx, dw
+
+
+_mixed_matmul.defvjp(_mixed_fwd, _mixed_bwd)
+
+
+def matmul(x, w, cfg):
+  """x [..., K] @ w [K, ...] in `cfg.matmul_dtype` (see `BaseConfig.matmul_dtype`)."""
+  K = x.shape[-1]
+  if not cfg.matmul_dtype or DTYPES[cfg.matmul_dtype] == jnp.result_type(x, w):
+    return jnp.tensordot(x, w, axes=1)
+  y = _mixed_matmul(x.reshape(-1, K), w.reshape(K, -1), DTYPES[cfg.matmul_dtype])
+  return y.reshape(x.shape[:-1] + w.shape[1:])
+
+
+def mixed_dot(cfg):
+  """A `dot_general` for flax's Dense / DenseGeneral computing the contraction in
+  `cfg.matmul_dtype`; None (flax's own) when that is the compute dtype."""
+  if not cfg.matmul_dtype or DTYPES[cfg.matmul_dtype] == cfg.compute_dtype:
+    return None
+
+  def dot_general(x, w, dimension_numbers, precision=None, **kwargs):
+    (cx, cw), (bx, bw) = dimension_numbers
+    if bx or bw or tuple(cx) != (x.ndim - 1,) or tuple(cw) != (0,):
+      return jax.lax.dot_general(x, w, dimension_numbers, precision=precision, **kwargs)
+    return matmul(x, w, cfg)
+  return dot_general
+
+
 def dense(features, axes, cfg, name, use_bias=False, init_scale=1.0,
           bias_init=nn.initializers.zeros):
   """An nn.Dense [in, out] with logical axis names (created in the caller's scope)."""
   return nn.Dense(features, use_bias=use_bias, dtype=cfg.compute_dtype,
-                  param_dtype=cfg.params_dtype,
+                  param_dtype=cfg.params_dtype, dot_general=cfg.dot_general,
                   kernel_init=logical(scaled(init_scale), *axes),
                   bias_init=logical(bias_init, axes[1]), name=name)
 
@@ -72,6 +120,8 @@ def embedding(module, cfg):
 
 def tied_head(x_BTD, embed_VD, cfg):
   """Logits float32 [B, T, V] from the tied embedding."""
+  if mixed_dot(cfg) is not None:
+    return matmul(x_BTD.astype(jnp.float32), embed_VD.T.astype(jnp.float32), cfg)
   return jnp.einsum("btd,vd->btv", x_BTD, embed_VD.astype(cfg.compute_dtype),
                     preferred_element_type=jnp.float32)
 

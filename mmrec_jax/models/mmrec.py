@@ -434,7 +434,8 @@ class Block(nn.Module):
     n = cfg.n_slices
     fused_BTnD = nn.DenseGeneral(
         (n, D), use_bias=False, dtype=dt, param_dtype=cfg.params_dtype,
-        kernel_init=logical(layers.scaled(), "embed", None, "fused"), name="fused")(xn_BTD)
+        kernel_init=logical(layers.scaled(), "embed", None, "fused"), dot_general=cfg.dot_general,
+        name="fused")(xn_BTD)
     # One split (its gradient is one concatenation, not n padded copies summed).
     parts = [p[..., 0, :] for p in jax.lax.split(fused_BTnD, [1] * n, axis=-2)]
     k_BTD, v_BTD, z_BTD, i_BTD = parts[n - 4:]

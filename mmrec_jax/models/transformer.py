@@ -80,7 +80,8 @@ class Block(nn.Module):
     xn_BTD = rms_norm(cfg, "norm_attn")(x_BTD)
     qkv_BT3D = nn.DenseGeneral(
         (3, D), use_bias=False, dtype=dt, param_dtype=cfg.params_dtype,
-        kernel_init=logical(layers.scaled(), "embed", None, "fused"), name="qkv")(xn_BTD)
+        kernel_init=logical(layers.scaled(), "embed", None, "fused"), dot_general=cfg.dot_general,
+        name="qkv")(xn_BTD)
     q_BTHd, k_BTHd, v_BTHd = (qkv_BT3D[..., j, :].reshape(B, T, H, hd) for j in range(3))
     q_BTHd = rope(q_BTHd, pos_BT, cfg.rope_base)
     k_BTHd = rope(k_BTHd, pos_BT, cfg.rope_base)

@@ -55,6 +55,10 @@ def make_config(name, kind="mmrec", **model_fields):
   t.b2 = 0.95
   t.grad_clip = 1.0
   t.grad_accum = 1
+  # > 0: the head and the loss of a step are computed this many tokens at a time
+  # (each chunk's logits recomputed in the backward pass), never all [B, T, V]
+  # logits at once. 0: in one piece.
+  t.loss_chunk = 0
   # Carry each row's recurrent state from one step to the next (truncated
   # backpropagation through time): row j of the batch reads consecutive windows of
   # its own stretch of the training stream, and a step starts from the state the
@@ -113,6 +117,9 @@ def validate(c):
   _check(t.samples >= 0 and t.sample_tokens >= 0,
          "train.samples and train.sample_tokens must be >= 0")
   _check(t.lr > 0, f"train.lr={t.lr} must be positive")
+  _check(isinstance(t.get("loss_chunk", 0), int) and t.get("loss_chunk", 0) >= 0,
+         f"train.loss_chunk={t.get('loss_chunk')!r} must be an integer >= 0 (tokens per "
+         "piece of the head and loss; 0: one piece)")
   optimizer.parse_lr_scales(t.get("lr_scales", ""))
   _check(t.seq_len <= c.model.max_seq_len,
          f"train.seq_len={t.seq_len} exceeds model.max_seq_len={c.model.max_seq_len}")

@@ -33,6 +33,33 @@ def cross_entropy(logits_BTV, targets_BT, mask_BT):
           jnp.sum(correct_BT.astype(jnp.float32) * mask_BT))
 
 
+def head_cross_entropy(x_BTD, embed_VD, targets_BT, mask_BT, cfg, chunk):
+  """`cross_entropy`'s sum of masked nats from the final hidden states (a model
+  applied with `head=False`), `chunk` tokens at a time: each chunk's logits are
+  computed, reduced to its loss and, in the backward pass, recomputed, so the
+  [B, T, V] logits and their gradient never exist at once (on a CPU, writing and
+  reading them back cost more than the head's matmul itself)."""
+  from mmrec_jax.models import layers  # pylint: disable=import-outside-toplevel
+  B, T, D = x_BTD.shape
+  N = B * T
+  chunk = max(1, min(chunk, N))
+  pad = (-N) % chunk
+  flat = lambda a: jnp.pad(a.reshape((N,) + a.shape[2:]), [(0, pad)] + [(0, 0)] * (a.ndim - 2))
+  x_ND, t_N, m_N = flat(x_BTD), flat(targets_BT), flat(mask_BT.astype(jnp.float32))
+
+  @jax.checkpoint
+  def one(args):
+    x_CD, t_C, m_C = args
+    logits_CV = layers.tied_head(x_CD[None], embed_VD, cfg)[0]
+    nll_C = optax.softmax_cross_entropy_with_integer_labels(logits_CV.astype(jnp.float32), t_C)
+    return jnp.sum(nll_C * m_C)
+
+  n = (N + pad) // chunk
+  parts = jax.lax.map(one, (x_ND.reshape(n, chunk, D), t_N.reshape(n, chunk),
+                            m_N.reshape(n, chunk)))
+  return jnp.sum(parts)
+
+
 def make_eval_step(model):
   """eval_step(params, batch) -> {'ce_sum', 'n', 'correct'}: sums over real targets,
   every window from a fresh state."""

@@ -59,16 +59,22 @@ def _microbatches(batch, n, mesh):
   return {k: one(v) for k, v in batch.items()}
 
 
-def make_train_step(model, tx, schedule, grad_accum, mesh):
+def make_train_step(model, tx, schedule, grad_accum, mesh, loss_chunk=0):
   """train_step(state, batch) -> (state, metrics): CE with aux losses, AdamW, clipping,
-  gradient accumulation equal to the full-batch update, a fresh dropout key per step."""
+  gradient accumulation equal to the full-batch update, a fresh dropout key per step.
+  `loss_chunk` > 0: the head and the loss `loss_chunk` tokens at a time
+  (`loss.head_cross_entropy`)."""
   aux_weights = model.aux_weights()
 
   def loss_fn(params, mb, key, denom, carry=None):
-    logits_BTV, new_carry, aux = model.apply(
+    out, new_carry, aux = model.apply(
         {"params": params}, mb["inputs"], state=carry, reset=mb["reset"],
-        deterministic=False, rngs={"dropout": key})
-    ce_sum, _, _ = loss_lib.cross_entropy(logits_BTV, mb["targets"], mb["mask"])
+        deterministic=False, rngs={"dropout": key}, head=not loss_chunk)
+    if loss_chunk:
+      ce_sum = loss_lib.head_cross_entropy(out, params["embed"], mb["targets"], mb["mask"],
+                                           model.cfg, loss_chunk)
+    else:
+      ce_sum, _, _ = loss_lib.cross_entropy(out, mb["targets"], mb["mask"])
     loss = ce_sum / denom
     for k, w in aux_weights.items():
       loss = loss + w * aux[k] / grad_accum
@@ -151,7 +157,8 @@ def setup(config, devices=None):
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sh)
   batch_sh = {k: shard_lib.batch_sharding(mesh) for k in loss_lib.BATCH_KEYS}
-  train_step = jax.jit(make_train_step(model, tx, schedule, t.grad_accum, mesh),
+  train_step = jax.jit(make_train_step(model, tx, schedule, t.grad_accum, mesh,
+                                       t.get("loss_chunk", 0)),
                        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
                        donate_argnums=(0,))
   eval_step = jax.jit(loss_lib.make_eval_step(model), in_shardings=(param_sh, batch_sh),

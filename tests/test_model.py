@@ -299,6 +299,30 @@ def test_bfloat16_matmuls_track_float32_in_values_and_gradients(kind):
   assert all("bf16" in d for d in plain) and len(plain) >= 2 * len(kernels) > 0, plain
 
 
+def test_the_head_and_loss_in_chunks_equal_one_piece():
+  """train.loss_chunk: the loss from the hidden states, a few tokens at a time
+  (the last chunk padded), equals the loss of the whole logits, gradients too."""
+  from mmrec_jax import loss as loss_lib
+  cfg = ALL_ON.replace(dropout=0.0, use_moe=False)
+  model = M.MMRec(cfg)
+  params = nn.unbox(models.init_params(model, jax.random.key(0)))
+  toks, tgts = _tokens(2, 24), _tokens(2, 24, seed=2)
+  mask = (jnp.arange(24) < 20)[None].repeat(2, 0)
+
+  def whole(p):
+    logits = model.apply({"params": p}, toks)[0]
+    return loss_lib.cross_entropy(logits, tgts, mask)[0]
+
+  def chunked(p):
+    x = model.apply({"params": p}, toks, head=False)[0]
+    return loss_lib.head_cross_entropy(x, p["embed"], tgts, mask, cfg, chunk=7)
+
+  (a, ga), (b, gb) = (jax.jit(jax.value_and_grad(f))(params) for f in (whole, chunked))
+  np.testing.assert_allclose(b, a, rtol=1e-5)
+  for x, y in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+    np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
+
+
 def test_matmul_dtype_is_validated():
   with pytest.raises(Exception, match="model.matmul_dtype='int8' is unknown"):
     ALL_ON.replace(matmul_dtype="int8").validate()

@@ -472,3 +472,22 @@ def test_summary_epochs_and_metrics_once_per_step(corpus, tmp_path):
   recs = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   steps = [r["step"] for r in recs if r["split"] == "train"]
   assert len(steps) == len(set(steps)) and recs[-1]["loss"] == 1.0
+
+
+def test_a_step_with_the_loss_in_chunks_equals_one_piece():
+  """train.loss_chunk reaches the train step: the same loss and update as in one piece."""
+  from mmrec_jax import bench
+  from mmrec_jax import train_state as ts_lib
+  out = []
+  for chunk in (0, 56):
+    c = config_lib.load_config_file(TINY)
+    c.model.vocab_size, c.model.d_model, c.model.n_layers = 64, 32, 1
+    c.train.batch_size, c.train.seq_len, c.train.loss_chunk = 8, 40, chunk
+    config_lib.validate(c)
+    s = ts_lib.setup(c)
+    state = ts_lib.create(s)
+    batch = shard_lib.put_batch(bench.random_batch(np.random.default_rng(0), 8, 40, 64), s.mesh)
+    out.append(s.train_step(state, batch))
+  (a, ma), (b, mb) = out
+  np.testing.assert_allclose(mb["loss"], ma["loss"], rtol=1e-5)
+  assert_trees_close(a.params, b.params, atol=1e-5)

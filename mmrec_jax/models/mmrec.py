@@ -561,7 +561,8 @@ class MMRec(nn.Module):
     return model, None if params is None else layers.unstack_params(params, self.cfg.n_layers)
 
   @nn.compact
-  def __call__(self, tokens_BT, state=None, reset=None, deterministic=True, last_only=False):
+  def __call__(self, tokens_BT, state=None, reset=None, deterministic=True, last_only=False,
+               head=True):
     cfg = self.cfg
     B, T = tokens_BT.shape
     if state is None:
@@ -577,4 +578,6 @@ class MMRec(nn.Module):
     if last_only:  # logits of the last position only (a prefill needs no others)
       x_BTD = x_BTD[:, -1:]
     x_BTD = rms_norm(cfg, "final_norm")(x_BTD)
+    if not head:  # the final hidden states; the caller applies the head (`loss.head_cross_entropy`)
+      return x_BTD, new_state, aux
     return layers.tied_head(x_BTD, embed_VD, cfg), new_state, aux

@@ -174,13 +174,12 @@ def entry_blocks(n, levels, slots):
   return cat(los + plos), cat(his + phis), cat(oks + poks)
 
 
-def write_chunks(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K):
+def write_chunks(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K, doc0=-1):
   """The memory after each of K chunk writes, in closed form (no loop over writes).
 
-  `mem0` holds the memory of the carried document after `n0` writes (its
-  position // C); write k stores chunk `chunk_K[k]` (its index in its document)
-  of document `doc_K[k]` (-1: the carried one; a new document starts from an
-  empty memory), its key+value `kv_KX[k]` and mass `mass_K[k]`, if `valid_K[k]`
+  `mem0` holds the memory of document `doc0` (-1: the carried one) after `n0`
+  writes (its position // C); write k stores chunk `chunk_K[k]` (its index in its
+  document) of document `doc_K[k]` (a new document starts from an empty memory), its key+value `kv_KX[k]` and mass `mass_K[k]`, if `valid_K[k]`
   (the valid writes come first). Every entry of every snapshot is the
   mass-weighted mean of the chunks `entry_blocks` gives it, summed from the
   sources that hold them: the entries of `mem0` (each a whole block, in the
@@ -201,13 +200,13 @@ def write_chunks(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K):
   src_lo = jnp.concatenate([lo0, chunk_K])
   src_hi = jnp.concatenate([hi0, chunk_K + 1])
   src_ok = jnp.concatenate([alive0, valid_K])
-  src_doc = jnp.concatenate([jnp.full(lo0.shape, -1, doc_K.dtype), doc_K])
+  src_doc = jnp.concatenate([jnp.full(lo0.shape, doc0, doc_K.dtype), doc_K])
   src_mv = jnp.concatenate([mv0, mass_K[:, None] * kv_KX])
   src_m = jnp.concatenate([m0, mass_K])
   # Snapshots: 0 is mem0; k >= 1 follows the last valid write up to k.
   last = jnp.minimum(jnp.arange(K + 1), jnp.sum(valid_K)) - 1          # -1: mem0
   n_K1 = jnp.where(last >= 0, chunk_K[jnp.maximum(last, 0)] + 1, n0)
-  doc_K1 = jnp.where(last >= 0, doc_K[jnp.maximum(last, 0)], -1)
+  doc_K1 = jnp.where(last >= 0, doc_K[jnp.maximum(last, 0)], doc0)
   lo, hi, ok = entry_blocks(n_K1, levels, slots)                        # [K+1, M]
   member = (ok[..., None] & src_ok & (src_doc == doc_K1[:, None, None])
             & (lo[..., None] <= src_lo) & (src_hi <= hi[..., None])).astype(jnp.float32)
@@ -225,6 +224,44 @@ def write_chunks(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K):
       pend=mv_KMX[-1, n_slots:], pend_mass=m_KM[-1, n_slots:],
       pend_n=valid_KM[-1, n_slots:].astype(jnp.int32))
   return m_KMX, valid_KM, final
+
+
+WRITE_GROUP = 32     # writes per closed-form step of `write_groups`
+PICK_BY_MATMUL = 33  # `attend` picks each window's snapshots by matmul up to this many
+
+
+def write_groups(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K, group=WRITE_GROUP):
+  """`write_chunks` for any number of writes: a scan over groups of `group`
+  writes, each in closed form from the memory the previous group left. The
+  closed form's cost grows with (writes)^2 (every snapshot against every
+  source); in groups it is linear, and a window of up to `group` writes (2,048
+  tokens in chunks of 64) takes one step, no loop. Same returns as
+  `write_chunks`."""
+  K = kv_KX.shape[0]
+  if K <= group:
+    return write_chunks(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K)
+  pad = (-K) % group
+  padded = lambda x, v: jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], v, x.dtype)])
+  xs = (padded(kv_KX, 0), padded(mass_K, 1), padded(valid_K, False), padded(doc_K, -1),
+        padded(chunk_K, 0))
+  xs = jax.tree_util.tree_map(lambda x: x.reshape((-1, group) + x.shape[1:]), xs)
+
+  def step(carry, g):
+    mem, n, doc = carry
+    kv, mass, valid, docs, chunks = g
+    m_KMX, valid_KM, final = write_chunks(mem, n, kv, mass, valid, docs, chunks, doc)
+    last = jnp.sum(valid) - 1
+    n = jnp.where(last >= 0, chunks[jnp.maximum(last, 0)] + 1, n)
+    doc = jnp.where(last >= 0, docs[jnp.maximum(last, 0)], doc)
+    return (final, n, doc), (m_KMX[1:], valid_KM[1:])
+
+  doc0 = jnp.array(-1, doc_K.dtype)
+  (final, _, _), (m_GKMX, valid_GKM) = jax.lax.scan(step, (mem0, jnp.asarray(n0, jnp.int32),
+                                                           doc0), xs)
+  first_m, first_v = readable(mem0)
+  m_KMX = jnp.concatenate([first_m[None], m_GKMX.reshape((-1,) + m_GKMX.shape[2:])])[:K + 1]
+  valid_KM = jnp.concatenate([first_v[None], valid_GKM.reshape((-1,) + valid_GKM.shape[2:])])
+  return m_KMX, valid_KM[:K + 1], final
 
 
 def _masked_softmax(logits, mask, axes, logn=False, sink=None):
@@ -314,12 +351,17 @@ def attend(q_THd, keys_KMHd, values_KMHd, valid_KM, k_T, cleared_T, window, scal
   k_NW = k_T.reshape(n, window)
   lo_N = k_NW[:, 0]
   idx_N2 = jnp.minimum(lo_N[:, None] + jnp.arange(2)[None], K1 - 1)
-  # The two snapshots of each window, selected by a one-hot matmul, exact at the
-  # highest precision (on CPU a gather of whole snapshots, and its scatter-add
-  # gradient, cost several times more).
-  pick_PK = (idx_N2.reshape(-1)[:, None] == jnp.arange(K1)[None]).astype(keys_KMHd.dtype)
-  take = lambda x_KMHd: jnp.transpose(jnp.dot(
-      pick_PK, x_KMHd.reshape(K1, -1), precision=jax.lax.Precision.HIGHEST).reshape(
+  # The two snapshots of each window. Up to PICK_BY_MATMUL snapshots, by a one-hot
+  # matmul, exact at the highest precision (on CPU a gather of whole snapshots,
+  # and its scatter-add gradient, cost several times more); beyond, by a gather
+  # (the matmul's cost grows with the square of the windows).
+  if K1 <= PICK_BY_MATMUL:
+    pick_PK = (idx_N2.reshape(-1)[:, None] == jnp.arange(K1)[None]).astype(keys_KMHd.dtype)
+    pick = lambda x_KMHd: jnp.dot(pick_PK, x_KMHd.reshape(K1, -1),
+                                  precision=jax.lax.Precision.HIGHEST)
+  else:
+    pick = lambda x_KMHd: x_KMHd[idx_N2.reshape(-1)]
+  take = lambda x_KMHd: jnp.transpose(pick(x_KMHd).reshape(
       n, 2, M, H, hd), (0, 3, 1, 2, 4)).reshape(n, H, 2 * M, hd)
   kk_NHSd, vv_NHSd = take(keys_KMHd), take(values_KMHd)
   logits_NHWS = jnp.einsum("nhwd,nhsd->nhws", q_NHWd, kk_NHSd,

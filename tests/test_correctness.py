@@ -3,6 +3,8 @@ MoE at its default capacity keeps documents, pieces and batch rows apart and
 costs linear time; sampling gives a prompt the same tokens alone or in a batch;
 the decays span their configured timescales and keep a gradient; the memory
 writes follow their level / pooling rules and read no dead slot."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -302,11 +304,13 @@ def test_memory_write_follows_the_level_and_pooling_rules():
   assert int(np.asarray(mem.valid).sum()) == L * S   # 40 writes fill every level
 
 
-@pytest.mark.parametrize("levels,slots", [(3, 2), (1, 3), (4, 1)])
-def test_all_writes_at_once_equal_the_writes_in_order(levels, slots):
+@pytest.mark.parametrize("levels,slots,group", [(3, 2, None), (1, 3, None), (4, 1, None),
+                                                (3, 2, 2), (4, 1, 4)])
+def test_all_writes_at_once_equal_the_writes_in_order(levels, slots, group):
   """Training's closed form (every snapshot from the write count) gives what
   `write` (decoding) gives applied chunk by chunk: from a carried memory, across
-  a document start inside the window, with trailing writes that do not happen."""
+  a document start inside the window, with trailing writes that do not happen;
+  in one closed-form step, or (`group`) in steps of a few writes."""
   W, K, n0 = 6, 9, 11
   rng = np.random.default_rng(levels)
   write = jax.jit(mem_lib.write)
@@ -320,7 +324,9 @@ def test_all_writes_at_once_equal_the_writes_in_order(levels, slots):
   valid = np.arange(K) < 7                              # the last two do not happen
   doc = np.array([-1, -1, -1, 40, 40, 40, 40, 40, 40])  # a document starts before write 3
   chunk = np.array([n0, n0 + 1, n0 + 2, 0, 1, 2, 3, 4, 5])
-  m_KMX, valid_KM, final = jax.jit(mem_lib.write_chunks)(
+  fn = mem_lib.write_chunks if group is None else functools.partial(mem_lib.write_groups,
+                                                                    group=group)
+  m_KMX, valid_KM, final = jax.jit(fn)(
       mem0, jnp.int32(n0), jnp.asarray(kv), jnp.asarray(mass), jnp.asarray(valid),
       jnp.asarray(doc), jnp.asarray(chunk))
   mem, snaps = mem0, [mem_lib.readable(mem0)]

@@ -324,7 +324,7 @@ class HDSMemory(nn.Module):
     # Each write's document (-1: the carried one) and chunk index in it.
     doc_BK = jnp.take_along_axis(last_reset_BT, end_BK, axis=1)
     chunk_BK = jnp.take_along_axis(pos_BT, end_BK, axis=1) // cfg.chunk_size
-    m_BKMX, valid_BKM, final = jax.vmap(mem_lib.write_chunks)(
+    m_BKMX, valid_BKM, final = jax.vmap(mem_lib.write_groups)(
         state.memory, state.pos // cfg.chunk_size, kv_BKX, acc_BKX[..., D], end_valid_BK,
         doc_BK, chunk_BK)
     K1, M = m_BKMX.shape[1:3]

@@ -25,11 +25,12 @@ no pending slot: a summary enters it directly). A token reads only memory writte
 chunks before its own (block-causal).
 
 Training computes every chunk's summary in parallel, then every snapshot of the
-memory at once (`write_chunks`: which chunks an entry pools depends only on how
-many were written, so each entry is a masked sum over the chunks, no loop over
-writes), and lets each token attend to the snapshot it may see. Decoding one
-token at a time applies `write` when a chunk ends and `read` (the same attention
-over the readable slots), so both give the same numbers up to rounding.
+memory in closed form (`write_chunks`: which chunks an entry pools depends only
+on how many were written, so each entry is a masked sum over the chunks; long
+windows in groups of 32 writes, `write_groups`), and lets each token attend to
+the snapshot it may see. Decoding one token at a time applies `write` when a
+chunk ends and `read` (the same attention over the readable slots), so both give
+the same numbers up to rounding.
 
 Everything here is for ONE sequence; the layer vmaps it over the batch.
 """
@@ -178,13 +179,14 @@ def write_chunks(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K, doc0=-1):
   """The memory after each of K chunk writes, in closed form (no loop over writes).
 
   `mem0` holds the memory of document `doc0` (-1: the carried one) after `n0`
-  writes (its position // C); write k stores chunk `chunk_K[k]` (its index in its
-  document) of document `doc_K[k]` (a new document starts from an empty memory), its key+value `kv_KX[k]` and mass `mass_K[k]`, if `valid_K[k]`
-  (the valid writes come first). Every entry of every snapshot is the
-  mass-weighted mean of the chunks `entry_blocks` gives it, summed from the
-  sources that hold them: the entries of `mem0` (each a whole block, in the
-  carried document) and the new chunks, as one matmul. The same numbers as
-  `write` applied in order, up to rounding.
+  writes (its position // C); write k stores chunk `chunk_K[k]` (its index in
+  its document) of document `doc_K[k]` (a new document starts from an empty
+  memory), its key+value `kv_KX[k]` and mass `mass_K[k]`, if `valid_K[k]` (the
+  valid writes come first). Every entry of every snapshot is the mass-weighted
+  mean of the chunks `entry_blocks` gives it, summed from the sources that hold
+  them: the entries of `mem0` (each a whole block of document `doc0`) and the
+  new chunks, as one matmul. The same numbers as `write` applied in order, up
+  to rounding. The cost grows with K^2: `write_groups` bounds it.
   Returns the readable entries [K+1, M, X] and their mask [K+1, M] of every
   snapshot (snapshot 0 is `mem0`; snapshot k follows write k, or the last valid
   write), and the memory after the last valid write.

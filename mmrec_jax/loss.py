@@ -14,6 +14,8 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
+from mmrec_jax.models import layers
+
 BATCH_KEYS = ("inputs", "targets", "reset", "mask")
 MAX_LOG_PERPLEXITY = 80.0   # perplexity is reported as exp(min(loss, 80))
 
@@ -39,7 +41,6 @@ def head_cross_entropy(x_BTD, embed_VD, targets_BT, mask_BT, cfg, chunk):
   computed, reduced to its loss and, in the backward pass, recomputed, so the
   [B, T, V] logits and their gradient never exist at once (on a CPU, writing and
   reading them back cost more than the head's matmul itself)."""
-  from mmrec_jax.models import layers  # pylint: disable=import-outside-toplevel
   B, T, D = x_BTD.shape
   N = B * T
   chunk = max(1, min(chunk, N))

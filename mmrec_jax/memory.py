@@ -175,6 +175,15 @@ def entry_blocks(n, levels, slots):
   return cat(los + plos), cat(his + phis), cat(oks + poks)
 
 
+def _after_writes(k, valid_K, chunk_K, doc_K, n0, doc0):
+  """(write count, document) of the memory after the first `k` writes (the
+  valid ones come first): those of the last valid write, else (n0, doc0)."""
+  last = jnp.minimum(k, jnp.sum(valid_K)) - 1
+  at = jnp.maximum(last, 0)
+  return (jnp.where(last >= 0, chunk_K[at] + 1, n0),
+          jnp.where(last >= 0, doc_K[at], doc0))
+
+
 def write_chunks(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K, doc0=-1):
   """The memory after each of K chunk writes, in closed form (no loop over writes).
 
@@ -206,9 +215,7 @@ def write_chunks(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K, doc0=-1):
   src_mv = jnp.concatenate([mv0, mass_K[:, None] * kv_KX])
   src_m = jnp.concatenate([m0, mass_K])
   # Snapshots: 0 is mem0; k >= 1 follows the last valid write up to k.
-  last = jnp.minimum(jnp.arange(K + 1), jnp.sum(valid_K)) - 1          # -1: mem0
-  n_K1 = jnp.where(last >= 0, chunk_K[jnp.maximum(last, 0)] + 1, n0)
-  doc_K1 = jnp.where(last >= 0, doc_K[jnp.maximum(last, 0)], doc0)
+  n_K1, doc_K1 = _after_writes(jnp.arange(K + 1), valid_K, chunk_K, doc_K, n0, doc0)
   lo, hi, ok = entry_blocks(n_K1, levels, slots)                        # [K+1, M]
   member = (ok[..., None] & src_ok & (src_doc == doc_K1[:, None, None])
             & (lo[..., None] <= src_lo) & (src_hi <= hi[..., None])).astype(jnp.float32)
@@ -252,9 +259,7 @@ def write_groups(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K, group=WRITE_G
     mem, n, doc = carry
     kv, mass, valid, docs, chunks = g
     m_KMX, valid_KM, final = write_chunks(mem, n, kv, mass, valid, docs, chunks, doc)
-    last = jnp.sum(valid) - 1
-    n = jnp.where(last >= 0, chunks[jnp.maximum(last, 0)] + 1, n)
-    doc = jnp.where(last >= 0, docs[jnp.maximum(last, 0)], doc)
+    n, doc = _after_writes(group, valid, chunks, docs, n, doc)
     return (final, n, doc), (m_KMX[1:], valid_KM[1:])
 
   doc0 = jnp.array(-1, doc_K.dtype)

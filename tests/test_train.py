@@ -490,4 +490,5 @@ def test_a_step_with_the_loss_in_chunks_equals_one_piece():
     out.append(s.train_step(state, batch))
   (a, ma), (b, mb) = out
   np.testing.assert_allclose(mb["loss"], ma["loss"], rtol=1e-5)
+  np.testing.assert_allclose(mb["grad_norm"], ma["grad_norm"], rtol=1e-4)
   assert_trees_close(a.params, b.params, atol=1e-5)

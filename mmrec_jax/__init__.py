@@ -9,6 +9,6 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
   if name == "load":
-    from mmrec_jax.loading import load  # pylint: disable=g-import-not-at-top
+    from mmrec_jax.io.loading import load  # pylint: disable=g-import-not-at-top
     return load
   raise AttributeError(f"module 'mmrec_jax' has no attribute {name!r}")

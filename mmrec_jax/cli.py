@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import importlib.util
 import os
 import re
 import signal
@@ -28,6 +27,7 @@ import ml_collections
 from ml_collections.config_flags import config_flags as config_flags_lib
 
 from mmrec_jax import errors
+from mmrec_jax.config import files as config_files
 
 HELP_ARGS = frozenset({"--help", "-help", "-?", "--helpshort", "-helpshort", "--helpfull",
                        "-helpfull", "--helpxml", "-helpxml"})
@@ -83,7 +83,9 @@ def parse_flags(argv):
   wants_help = any(a in HELP_ARGS for a in argv[1:])
   try:
     if not wants_help:
+      argv = resolve_config_args(argv)
       check_config_overrides(argv)
+      check_required(argv)
     rest = flags.FLAGS(argv)
     if not wants_help:
       for name in _config_flag_names():
@@ -158,6 +160,52 @@ def _flag_error(e, argv):
 # ----------------------------------------------------------------------------- config files
 
 
+def resolve_config_args(argv):
+  """argv with every config flag's value resolved to a file (`--config=tiny` ->
+  the shipped configs/tiny.py; a path that exists is kept as it is)."""
+  names = _config_flag_names()
+  out = [argv[0]]
+  args = list(argv[1:])
+  i = 0
+  while i < len(args):
+    a = args[i]
+    if a == "--":
+      out += args[i:]
+      break
+    for name in names:
+      for dash in ("--", "-"):
+        if a.startswith(f"{dash}{name}="):
+          a = f"{dash}{name}=" + config_files.resolve(a[len(dash) + len(name) + 1:])
+        elif a == f"{dash}{name}" and i + 1 < len(args):
+          out.append(a)
+          i += 1
+          a = config_files.resolve(args[i])
+    out.append(a)
+    i += 1
+  return out
+
+
+def check_required(argv):
+  """UsageError (one line, with an example) for a required flag left out."""
+  given = {a.lstrip("-").split("=", 1)[0] for a in argv[1:] if a.startswith("-")}
+  for name in list(flags.FLAGS):
+    f = flags.FLAGS[name]
+    if f.name != name or f.default is not None or name in given:
+      continue
+    if getattr(f, "_mmrec_required", False) or _is_required(name):
+      example = ("--config=tiny (shipped: " + ", ".join(config_files.packaged_names()) + ")"
+                 if config_flags_lib.is_config_flag(f) else f"--{name}=...")
+      raise errors.UsageError(f"--{name} is required; pass e.g. {example}")
+
+
+def _is_required(name):
+  """Whether absl marks flag `name` required (its validator says so)."""
+  for v in flags.FLAGS[name].validators:
+    if "must have a value other than None" in getattr(v, "message", ""):
+      return True
+  return False
+
+
 _MISSING = object()
 
 
@@ -176,37 +224,9 @@ def _arg_value(argv, name):
   return value
 
 
-def load_config_file(path):
-  """The ConfigDict of a config file ('file.py' or 'file.py:arg'); ConfigError in one line."""
-  file, *arg = path.split(":", 1)
-  if not os.path.isfile(file):
-    raise errors.ConfigError(f"config file {file!r} not found; pass e.g. "
-                             "--config=configs/tiny.py")
-  spec = importlib.util.spec_from_file_location("_mmrec_cli_config", file)
-  mod = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(mod)
-  except SyntaxError as e:
-    raise errors.ConfigError(f"config file {file} has a syntax error at line {e.lineno}: "
-                             f"{e.msg}; fix the file") from None
-  except Exception as e:  # pylint: disable=broad-except  (user code)
-    raise errors.ConfigError(f"config file {file} failed to load ({type(e).__name__}: "
-                             f"{_first_line(e)}); fix the file") from None
-  if not callable(getattr(mod, "get_config", None)):
-    raise errors.ConfigError(f"config file {file} defines no get_config(); a config file is a "
-                             "Python module with get_config() returning a ConfigDict")
-  try:
-    return mod.get_config(*arg)
-  except errors.MMRecError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  (user code)
-    raise errors.ConfigError(f"config file {file}: get_config() raised {type(e).__name__}: "
-                             f"{_first_line(e)}; fix the file") from None
-
-
 def _try_load(path):
   try:
-    return load_config_file(path)
+    return config_files.load_file(path)
   except errors.MMRecError:
     return None
 
@@ -263,7 +283,7 @@ def check_config_overrides(argv):
     path = _arg_value(argv, name)
     if path is None:
       continue
-    cfg = load_config_file(path)
+    cfg = config_files.load_file(path)
     if not _is_section(cfg):
       raise errors.ConfigError(f"config file {path}: get_config() returned "
                                f"{type(cfg).__name__}, not a ConfigDict")

@@ -62,7 +62,7 @@ def encode(tok, text):
 
 
 def decode_bytes(tok, ids):
-  from mmrec_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  from mmrec_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   return b"".join(tok_lib.token_bytes(tok, int(i)) for i in ids)
 
 
@@ -71,8 +71,8 @@ def generate(model, variables, tok, prompts, max_new_tokens=200, temperature=0.8
   """Continuations (str) of `prompts` (str); with `stream` (a text file) and one
   prompt, the text is written to it as it comes. `stop`: a `cli.StopRequest`
   checked before each streamed token (errors.Interrupted once it is set)."""
-  from mmrec_jax import sampling  # pylint: disable=g-import-not-at-top
-  from mmrec_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  from mmrec_jax.inference import sampling as sampling  # pylint: disable=g-import-not-at-top
+  from mmrec_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   dec = decoder or sampling.Decoder(model, tok.token_to_id(tok_lib.EOD),
                                     tok.token_to_id(tok_lib.PAD))
   ids = [encode(tok, p) for p in prompts]
@@ -100,8 +100,8 @@ def generate(model, variables, tok, prompts, max_new_tokens=200, temperature=0.8
 
 def main(argv):
   del argv
-  from mmrec_jax import loading as load_lib  # pylint: disable=g-import-not-at-top
-  from mmrec_jax import sampling  # pylint: disable=g-import-not-at-top
+  from mmrec_jax.io import loading as load_lib  # pylint: disable=g-import-not-at-top
+  from mmrec_jax.inference import sampling as sampling  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   with cli_lib.deferred_sigint() as stop:
     sampling.check_settings(f.max_new_tokens, f.temperature, f.top_k, f.top_p)
@@ -121,7 +121,7 @@ def main(argv):
         print(f"=== [{i}] ===\n{p}{o}")
 
 
-def cli():
+def entry():
   flags.DEFINE_string("workdir", None, "Training workdir or exported folder.")
   flags.DEFINE_string("checkpoint", "best", "best | latest | STEP (workdirs only).")
   flags.DEFINE_multi_string("prompt", [], "Prompt text (repeatable); '-' reads stdin.")
@@ -136,4 +136,4 @@ def cli():
 
 
 if __name__ == "__main__":
-  cli()
+  entry()

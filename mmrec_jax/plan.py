@@ -60,8 +60,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from mmrec_jax import cli  # noqa: E402
 from mmrec_jax import config as config_lib  # noqa: E402
-from mmrec_jax import sharding as shard_lib  # noqa: E402
-from mmrec_jax import train_state as ts_lib  # noqa: E402
+from mmrec_jax.training import sharding as shard_lib  # noqa: E402
+from mmrec_jax.training import state as ts_lib  # noqa: E402
 from mmrec_jax.errors import ConfigError, UsageError  # noqa: E402
 
 # Per device: memory in bytes, dense bf16 peak FLOP/s (vendor figures).
@@ -138,8 +138,7 @@ def plan(config, n_devices, device_kind, mfu, n_layers=0, log=print):
   if n_layers:
     runs = []
     for k in (n_layers, n_layers + 1):
-      c = config.copy_and_resolve_references()
-      c.model.n_layers, c.model.scan_layers = k, False
+      c = config.override({"model.n_layers": k, "model.scan_layers": False})
       log(f"compiling the train step with {k} layer(s) for {n_devices} devices ...")
       runs.append(compile_step(c, devices))
       log(f"  {k} layer(s): temporaries {runs[-1]['temp'] / GB:.2f} GB, "
@@ -157,8 +156,7 @@ def plan(config, n_devices, device_kind, mfu, n_layers=0, log=print):
     opt_state = shard_bytes(full.abstract_state.opt_state)
     batch_b = a["batch"]
   else:
-    c = config.copy_and_resolve_references()
-    c.model.scan_layers = False   # unrolled: the cost analysis counts every layer
+    c = config.override({"model.scan_layers": False})   # unrolled: every layer is counted
     log(f"compiling the train step ({L} layers) for {n_devices} devices ...")
     r = compile_step(c, devices)
     est = {"temp": r["temp"], "flops": r["flops"]}
@@ -277,18 +275,16 @@ def define_flags():
 
 def main(argv):
   del argv
-  c = FLAGS.config
   if FLAGS.devices < 1:
     raise UsageError(f"--devices={FLAGS.devices} must be >= 1")
-  for k, v in parse_mesh(FLAGS.mesh).items():
-    c.mesh[k] = v
+  over = {f"mesh.{k}": v for k, v in parse_mesh(FLAGS.mesh).items()}
   if FLAGS.batch_size:
-    c.train.batch_size = FLAGS.batch_size
+    over["train.batch_size"] = FLAGS.batch_size
   if FLAGS.seq_len:
-    c.train.seq_len = FLAGS.seq_len
+    over["train.seq_len"] = FLAGS.seq_len
   if not 0 < FLAGS.mfu <= 1:
     raise UsageError(f"--mfu={FLAGS.mfu} must be in (0, 1]")
-  config_lib.validate(c)
+  c = config_lib.validate(FLAGS.config).override(over)
   if len(jax.devices()) < FLAGS.devices:
     raise ConfigError(f"only {len(jax.devices())} host devices; run python -m mmrec_jax.plan")
   kinds = FLAGS.device_kind.split(",")
@@ -303,6 +299,7 @@ def main(argv):
 
 
 def entry():
+  _reexec_with_devices()   # as `mmrec-plan` too: JAX's backend has not started yet
   define_flags()
   cli.run(main)
 

@@ -4,9 +4,10 @@ Any config field can be overridden with `--config.section.field=value`;
 `--print_config` lists every field with its value. The run goes to `--workdir`
 (default `runs/<model name>`); running the same command again resumes it.
 
-The pieces: `loss` (loss and metrics), `train_state` (the train state, mesh,
-shardings and jitted steps), `loop` (the loop and its hooks); this module is the
-command line. `run` is `loop.run`.
+The pieces live in `mmrec_jax.training` (the train state and step, the loss, the
+loop and its hooks); this module is the command line. `run` is
+`mmrec_jax.training.loop.run`: `run(config, workdir, init_from=params)` starts a
+run from given parameters.
 """
 from __future__ import annotations
 
@@ -20,10 +21,9 @@ from ml_collections import config_flags
 
 from mmrec_jax import cli
 from mmrec_jax import config as config_lib
-from mmrec_jax import sharding as shard_lib
+from mmrec_jax.training import sharding as shard_lib
 from mmrec_jax.errors import Interrupted
-from mmrec_jax.errors import TrainError  # pylint: disable=unused-import (re-exported)
-from mmrec_jax.loop import Result, run  # pylint: disable=unused-import (re-exported)
+from mmrec_jax.training.loop import run  # pylint: disable=unused-import (re-exported)
 
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -53,11 +53,10 @@ def main(argv):
   if flags.FLAGS.print_config:
     print(config)
     return
-  config_lib.validate(config)
+  config = config_lib.validate(config)
   show_library_warnings()
   workdir = flags.FLAGS.workdir or os.path.join("runs", config.model.name)
-  overrides = {p.split(".", 1)[1] for p in cli.override_paths(sys.argv, "config")
-               if p.startswith("model.")}
+  overrides = set(cli.override_paths(sys.argv, "config"))
   result = run(config, workdir, overrides=overrides)
   if result.reason == "interrupted":
     raise Interrupted(

@@ -8,12 +8,12 @@ import os
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from mmrec_jax import cli
 from mmrec_jax import config as config_lib
-from mmrec_jax import data
+from mmrec_jax.data import pipeline as data
 
 config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file")
 flags.DEFINE_integer("batches", 500, "batches to time")
@@ -52,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

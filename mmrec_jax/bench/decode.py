@@ -11,16 +11,15 @@ the same width and depth would need: 2 * n_layers * T * d_model * bytes.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
 import time
 
 import numpy as np
-from absl import app
 from absl import flags
 
+from mmrec_jax import cli
 from mmrec_jax import models
 
 FLAGS = flags.FLAGS
@@ -38,14 +37,11 @@ def define_flags():
   flags.DEFINE_string("child", None, "internal: NAME:CONTEXT, measure one context and exit.")
 
 
-_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
-
-
 def _setup(name):
   import jax  # pylint: disable=g-import-not-at-top
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
   from mmrec_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  c = config_lib.load_config_file(os.path.join(_CONFIG_DIR, f"{name}.py"))
+  c = config_lib.load(name)
   model = models.build(c.model)
   params = jax.jit(lambda k: nn.unbox(models.init_params(model, k)))(jax.random.key(0))
   return model, {"params": params}
@@ -86,7 +82,7 @@ def measure_speed(model, variables, decode_tokens, prefill_tokens, reps=3):
   compiling), and the prefill's forward FLOPs per token."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mmrec_jax import sampling  # pylint: disable=g-import-not-at-top
+  from mmrec_jax.inference import sampling as sampling  # pylint: disable=g-import-not-at-top
   dec = sampling.Decoder(model, eod_id=-1)  # never stops early on random weights
   variables = dec.prepare(variables)
   settings = (0.8, 40, 0.95)
@@ -133,7 +129,7 @@ def main(argv):
     print(json.dumps(measure_context(name, int(ctx), FLAGS.piece)))
     return
   import jax  # pylint: disable=g-import-not-at-top
-  from mmrec_jax import metrics  # pylint: disable=g-import-not-at-top
+  from mmrec_jax.training import metrics as metrics  # pylint: disable=g-import-not-at-top
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind} ({jax.default_backend()}), random init, float32")
   sizes = (512, 1024, 2048) if dev.platform == "cpu" else (2048, 4096, 8192)
@@ -169,4 +165,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -34,21 +34,21 @@ import math
 import os
 
 import jax
-from absl import app
 from absl import flags
 from absl import logging
 
-from mmrec_jax import checkpoint as ckpt_lib
-from mmrec_jax import data as data_lib
-from mmrec_jax import grow
-from mmrec_jax import loop as loop_lib
-from mmrec_jax import loss as loss_lib
-from mmrec_jax import metrics as metrics_lib
+from mmrec_jax import cli
+from mmrec_jax.io import checkpoint as ckpt_lib
+from mmrec_jax.data import pipeline as data_lib
+from mmrec_jax.growth import workdir as grow_workdir_lib
+from mmrec_jax.training import loop as loop_lib
+from mmrec_jax.training import loss as loss_lib
+from mmrec_jax.training import metrics as metrics_lib
 from mmrec_jax import models
-from mmrec_jax import progressive
-from mmrec_jax import sharding as shard_lib
-from mmrec_jax import tokenizer as tokenizer_lib
-from mmrec_jax import train_state as ts_lib
+from mmrec_jax.growth import ladder as progressive
+from mmrec_jax.training import sharding as shard_lib
+from mmrec_jax.data import tokenizer as tokenizer_lib
+from mmrec_jax.training import state as ts_lib
 
 flags.DEFINE_string("small", "configs/tiny.py", "Config grown from.")
 flags.DEFINE_string("big", "configs/mini.py", "Config grown into (and trained from scratch).")
@@ -111,11 +111,11 @@ def run_seed(seed, root, devices, log):
   common = list(FLAGS.set) + [f"train.seed={seed}", f"train.eval_every={FLAGS.eval_every}",
                               "train.samples=0", "train.early_stopping_patience=0"]
   big = progressive.stage_configs([FLAGS.big], [FLAGS.steps], common + list(FLAGS.big_set))[0]
-  big.checkpoint.every = FLAGS.steps
+  big = big.override({"checkpoint.every": FLAGS.steps})
   small = progressive.stage_configs([FLAGS.small], [1], common + list(FLAGS.small_set))[0]
   f_big, f_small = flops_per_step(big), flops_per_step(small)
-  small.train.steps = max(1, int(round(FLAGS.small_frac * FLAGS.steps * f_big / f_small)))
-  small.checkpoint.every = small.train.steps
+  n_small = max(1, int(round(FLAGS.small_frac * FLAGS.steps * f_big / f_small)))
+  small = small.override({"train.steps": n_small, "checkpoint.every": n_small})
   d = lambda name: os.path.join(root, f"seed{seed}", name)
   out = {}
   log(f"seed {seed}: scratch {big.model.name} {FLAGS.steps} steps ({f_big:.3g} FLOPs/step); "
@@ -125,8 +125,8 @@ def run_seed(seed, root, devices, log):
   tok_path = os.path.join(root, f"seed{seed}", "big_tokenizer.json")
   if not os.path.isfile(tok_path):
     old_tok = tokenizer_lib.load_tokenizer(os.path.join(d("small"), "tokenizer.json"))
-    tokenizer_lib.save_tokenizer(grow.big_tokenizer(old_tok, big), tok_path)
-  big.data.tokenizer = tok_path
+    tokenizer_lib.save_tokenizer(grow_workdir_lib.big_tokenizer(old_tok, big), tok_path)
+  big = big.override({"data.tokenizer": tok_path})
   loop_lib.run(big, d("scratch"), devices=devices, quiet=True)
   val, _ = read_metrics(d("scratch"))
   target = val[-1]["bits_per_byte"]
@@ -135,11 +135,10 @@ def run_seed(seed, root, devices, log):
   small_flops = small.train.steps * f_small
   curves["small"] = [(r["step"] * f_small, r["bits_per_byte"], r["loss"]) for r in sval]
   for arm, noise in (("grown_noise", FLAGS.noise), ("grown_plain", 0.0)):
-    g = big.copy_and_resolve_references()
-    g.train.warmup_steps = max(1, int(round(FLAGS.rewarmup * FLAGS.steps)))
+    g = big.override({"train.warmup_steps": max(1, int(round(FLAGS.rewarmup * FLAGS.steps)))})
     after_path = os.path.join(root, f"seed{seed}", f"{arm}_after_growth.json")
     if not progressive.has_checkpoint(d(arm)):
-      diff = grow.grow_workdir(d("small"), g, d(arm), noise=noise, seed=seed,
+      diff = grow_workdir_lib.grow_workdir(d("small"), g, d(arm), noise=noise, seed=seed,
                                log=lambda *a: None, devices=devices)
       after = dict(held_out(g, d(arm), devices), grow_logit_diff=diff)
       with open(after_path, "w") as f:
@@ -205,4 +204,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

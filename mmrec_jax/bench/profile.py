@@ -32,10 +32,11 @@ import statistics
 import tempfile
 
 import jax
-from absl import app
 from absl import flags
 from absl import logging
 
+from mmrec_jax import cli
+from mmrec_jax import models
 from mmrec_jax import bench
 
 FLAGS = flags.FLAGS
@@ -70,12 +71,16 @@ def op_sources(hlo_text):
   return out
 
 
+# The registered models' module names: an operation under one is the model's, not the optimizer's.
+MODEL_NAMES = tuple(module.__name__ for _, module in models.REGISTRY.values())
+
+
 def category(event_name, src):
   """The category of one executed operation (see the module docstring)."""
   last = src.split("/")[-1]
   if "optax" in src or "clip" in src or src.startswith("jit(train_step)/") and (
-      "jvp" not in src and "transpose" not in src and "MMRec" not in src
-      and "Transformer" not in src and "while" not in src):
+      "jvp" not in src and "transpose" not in src and "while" not in src
+      and not any(n in src for n in MODEL_NAMES)):
     if "dot_general" not in last:
       return "optimizer"
   if "dot" in event_name or last == "dot_general" or "dot_general" in event_name:
@@ -162,4 +167,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

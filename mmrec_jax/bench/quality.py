@@ -24,17 +24,17 @@ import time
 from absl import flags
 
 from mmrec_jax import bench
+from mmrec_jax.bench import arms
 from mmrec_jax import cli
-from mmrec_jax import config as config_lib
-from mmrec_jax import data as data_lib
-from mmrec_jax import evaluate as eval_lib
-from mmrec_jax import loading
-from mmrec_jax import metrics as metrics_lib
+from mmrec_jax.data import pipeline as data_lib
+from mmrec_jax.inference import evaluation as eval_lib
+from mmrec_jax.io import loading as loading
+from mmrec_jax.training import metrics as metrics_lib
 from mmrec_jax import models
-from mmrec_jax import tokenizer as tok_lib
+from mmrec_jax.data import tokenizer as tok_lib
 from mmrec_jax.errors import UsageError
 
-ARMS = bench.ARMS
+ARMS = arms.ARMS
 
 flags.DEFINE_string("data", "", "Training data (default: the built-in corpus).")
 flags.DEFINE_string("val_data", "", "Held-out data (default: a hash split of --data).")
@@ -57,21 +57,17 @@ FLAGS = flags.FLAGS
 
 
 def arm_config(arm, seed, steps, tokenizer_path):
-  c = bench.load_arm(arm, ARMS)
-  t = c.train
-  c.model.max_seq_len = max(c.model.max_seq_len, FLAGS.seq_len)
-  if c.model.kind == "transformer":   # loss by position: the cache holds the whole window
-    c.model.cache_len = FLAGS.long * FLAGS.seq_len
-  c.data.path, c.data.val_path = FLAGS.data, FLAGS.val_data
-  c.data.tokenizer = tokenizer_path
-  t.seed, t.seq_len, t.batch_size, t.steps = seed, FLAGS.seq_len, FLAGS.batch, steps
-  t.warmup_steps = max(1, steps // 20)
-  t.eval_every = max(1, steps // FLAGS.evals)
-  t.eval_batches = FLAGS.eval_batches
-  t.samples = 0
-  t.carry_state = FLAGS.carry_state and c.model.kind == "mmrec"
-  c.checkpoint.every = steps
-  return config_lib.validate(c)
+  c = arms.load_arm(arm)
+  # loss by position: the decoding state holds the whole long window (a KV cache)
+  model = c.model.replace(max_seq_len=max(c.model.max_seq_len, FLAGS.seq_len)).for_context(
+      FLAGS.long * FLAGS.seq_len)
+  return c.replace(model=model).override({
+      "data.path": FLAGS.data, "data.val_path": FLAGS.val_data, "data.tokenizer": tokenizer_path,
+      "train.seed": seed, "train.seq_len": FLAGS.seq_len, "train.batch_size": FLAGS.batch,
+      "train.steps": steps, "train.warmup_steps": max(1, steps // 20),
+      "train.eval_every": max(1, steps // FLAGS.evals), "train.eval_batches": FLAGS.eval_batches,
+      "train.samples": 0, "checkpoint.every": steps,
+      "train.carry_state": FLAGS.carry_state and type(c.model).CARRIES_STATE})
 
 
 def mean_spread(xs):

@@ -17,7 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from mmrec_jax.scan import linear_scan, resolve_impl
+from mmrec_jax.models.mmrec.scan import linear_scan, resolve_impl
 
 SHAPES = {"tiny": (4, 128), "small": (16, 512), "base": (8, 1024)}  # (train batch, width)
 

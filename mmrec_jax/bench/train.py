@@ -7,14 +7,14 @@ measured in the same run (and against the vendor peak on GPU/TPU).
 import statistics
 
 import jax.numpy as jnp
-from absl import app
 from absl import flags
 from absl import logging
 
+from mmrec_jax import cli
 from mmrec_jax import bench
-from mmrec_jax import metrics as metrics_lib
+from mmrec_jax.training import metrics as metrics_lib
 from mmrec_jax import models
-from mmrec_jax import train_state as ts_lib
+from mmrec_jax.training import state as ts_lib
 
 FLAGS = flags.FLAGS
 
@@ -64,4 +64,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

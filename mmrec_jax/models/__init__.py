@@ -1,18 +1,30 @@
-"""The model registry: `model.kind` in a config picks a model; every model has one
-schema (a frozen dataclass holding its defaults) and the same surface.
+"""The model registry: `model.kind` picks a model; each model declares what it can do.
 
     from mmrec_jax import models
-    model = models.build(config.model)        # a ConfigDict, a dict or a schema
+    model = models.build(config.model)        # a schema, a dict or a ConfigDict
     params = models.init_params(model, jax.random.key(0))
     logits_BTV, state, aux = model.apply({"params": params}, tokens_BT)
 
-Every model is a Flax module with
-- `__call__(tokens, state=None, reset=None, deterministic=True, last_only=False)
-  -> (logits float32, state, aux)`: `state` is its decoding state, `reset` marks
-  document starts, `aux` its auxiliary losses; `last_only` returns the last
-  position's logits only ([B, 1, V], for a prefill);
-- `init_state(batch)`, `flops_per_token(seq_len)`, `aux_weights()`, `lr_scales()`
-  (its own per-module learning-rate factors; `train.lr_scales` overrides them);
+A model is a schema (a frozen dataclass, `BaseConfig`'s subclass, holding its
+defaults and validation) and a Flax module, registered here by its `kind`.
+Nothing outside `models/` asks for a kind by name: it asks the model.
+
+The schema declares (class attributes and methods, `base.BaseConfig`):
+- `CARRIES_STATE`: a fixed-size decoding state, so `train.carry_state` works;
+- `GROWTH`: its growth rules (`models.base.GrowthRules`), or None;
+- `for_context(n)`: the config whose decoding state holds n tokens of context.
+
+The module has the same surface for every model:
+- `__call__(tokens, state=None, reset=None, deterministic=True, last_only=False,
+  head=True) -> (logits float32, state, aux)`: `state` is its decoding state
+  (`STATE_TYPE`, stacked over layers), `reset` marks document starts, `aux` its
+  auxiliary losses; `last_only`: the last position's logits only; `head=False`:
+  the final hidden states instead of logits (for `logits(params, x)` applied in
+  pieces, as a chunked loss does);
+- `init_state(batch)`, `flops_per_token(seq_len)`, `aux_weights()`, `lr_scales()`;
+- `logits(params, x_BTD)`: the head on final hidden states;
+- `without_memory_read(variables)`: the variables with the long-term memory's
+  read-out zeroed (None for a model without one);
 - `unstack(params) -> (model, params)`: the form decoding runs (may be itself).
 Its parameters carry logical axis names, with layers stacked on a leading
 `layers` axis.
@@ -27,20 +39,20 @@ from flax import linen as nn
 from mmrec_jax.errors import ConfigError
 from mmrec_jax.models import mmrec
 from mmrec_jax.models import transformer
-from mmrec_jax.models.base import BaseConfig
+from mmrec_jax.models.base import BaseConfig, GrowthRules
 
 # kind -> (schema, module)
 REGISTRY: dict[str, tuple[type, type]] = {}
-
-
-def register(kind, schema, module):
-  REGISTRY[kind] = (schema, module)
-
-
-register("mmrec", mmrec.MMRecConfig, mmrec.MMRec)
-register("transformer", transformer.TransformerConfig, transformer.Transformer)
-
 DEFAULT_KIND = "mmrec"
+
+
+def register(schema_cls, module):
+  """Adds a model: its schema (with a `kind` default) and its Flax module."""
+  REGISTRY[schema_cls.kind] = (schema_cls, module)
+
+
+register(mmrec.MMRecConfig, mmrec.MMRec)
+register(transformer.TransformerConfig, transformer.Transformer)
 
 
 def schema(kind):
@@ -50,25 +62,15 @@ def schema(kind):
   return REGISTRY[kind][0]
 
 
-def make_config(model_cfg) -> BaseConfig:
-  """The validated schema instance of a model section (ConfigDict, dict or schema)."""
+def make_config(model_cfg, saved=False) -> BaseConfig:
+  """The validated schema instance of a model section (ConfigDict, dict or schema).
+  `saved`: a section read from a run directory, whose fields it predates take the
+  value the run had in effect (`BEFORE_FIELDS`)."""
   if isinstance(model_cfg, BaseConfig):
     return model_cfg
   d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
   d.setdefault("kind", DEFAULT_KIND)   # configs saved before model.kind existed
-  return schema(d["kind"]).from_dict(d)
-
-
-def fill_saved(saved_model):
-  """(model dict, names filled): a model section read from a saved run, with each
-  field it predates set to the value the run had in effect (`BEFORE_FIELDS`),
-  not to today's default. An unknown kind is returned as it is."""
-  d = saved_model.to_dict() if hasattr(saved_model, "to_dict") else dict(saved_model)
-  kind = d.get("kind", DEFAULT_KIND)
-  if kind not in REGISTRY:
-    return d, []
-  missing = {k: v for k, v in REGISTRY[kind][0].BEFORE_FIELDS.items() if k not in d}
-  return {**d, **missing}, sorted(missing)
+  return schema(d["kind"]).from_dict(d, saved=saved)
 
 
 def build(model_cfg) -> nn.Module:
@@ -94,3 +96,7 @@ def count_params(tree) -> int:
 
 def state_bytes(state) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state)))
+
+
+__all__ = ["REGISTRY", "DEFAULT_KIND", "BaseConfig", "GrowthRules", "register", "schema",
+           "make_config", "build", "init_params", "param_shapes", "count_params", "state_bytes"]

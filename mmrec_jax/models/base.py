@@ -2,36 +2,39 @@
 place defaults live, its validation, and the allowed values (defined once).
 
 A model's schema subclasses `BaseConfig`, adds its fields with defaults and
-extends `validate`. `configs/*.py` set only the numbers of their size.
+extends `validate`, and declares what the model can do (`CARRIES_STATE`,
+`GROWTH`, `for_context`): the trainer, growth and benchmarks ask these, never
+the model's kind. `configs/*.py` set only the numbers of their size.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from mmrec_jax.errors import ConfigError
+from mmrec_jax import schema
 from mmrec_jax.models import layers
 
 DTYPES = tuple(layers.DTYPES)
 REMAT_POLICIES = tuple(layers.REMAT_POLICIES)
 
 
-def check(cond, msg):
-  if not cond:
-    raise ConfigError(msg)
+check = schema.check
 
 
 def positive_ints(cfg, names):
-  for f in names:
-    v = getattr(cfg, f)
-    check(isinstance(v, int) and not isinstance(v, bool) and v > 0,
-          f"model.{f} must be a positive integer, got {v!r}")
+  cfg.positive_ints(names)
 
 
 @dataclasses.dataclass(frozen=True)
-class BaseConfig:
+class BaseConfig(schema.Section):
   """Fields every model has. Subclasses set `kind` and add their own fields."""
+  SECTION: ClassVar[str] = "model"
+  # A fixed-size decoding state (whatever the tokens seen): `train.carry_state` may
+  # carry it from one step to the next.
+  CARRIES_STATE: ClassVar[bool] = False
+  # How the model's parameters grow into a bigger model's (`GrowthRules`); None: the
+  # model declares no exact growth (growing it needs `allow_inexact`).
+  GROWTH: ClassVar[Any] = None
   kind: str = "base"
   name: str = "custom"
   vocab_size: int = 5000
@@ -50,15 +53,6 @@ class BaseConfig:
   matmul_dtype: str = ""
   scan_layers: bool = True       # rolled layer loop (compile time independent of depth)
   remat: str = "none"            # none | full | dots | dots_no_batch
-
-  # A field added after runs were saved without it, with the value those runs had
-  # in effect (a new field's default may differ from the behaviour before it):
-  # reading a saved config fills such a missing field with this value, never
-  # with today's default, so a run resumes and a checkpoint loads as it trained.
-  BEFORE_FIELDS: ClassVar[dict] = {}
-
-  def __post_init__(self):
-    self.validate()
 
   def validate(self):
     """Raises ConfigError (one line naming the field and the fix)."""
@@ -79,27 +73,19 @@ class BaseConfig:
     check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
           f"model.dropout={self.dropout} must be in [0, 1)")
 
-  @classmethod
-  def field_names(cls):
-    return [f.name for f in dataclasses.fields(cls)]
+  def inert_fields(self) -> tuple[str, ...]:
+    """Fields that change nothing in this config (e.g. options of a part it lacks)."""
+    return ()
+
+  def for_context(self, n_tokens: int) -> BaseConfig:
+    """This config with a decoding state that holds `n_tokens` tokens of context
+    (a model whose state is bounded whatever it has seen: itself)."""
+    del n_tokens
+    return self
 
   @classmethod
-  def from_dict(cls, d):
-    """From a dict / ConfigDict; an unknown field is a ConfigError with a suggestion."""
-    d = d.to_dict() if hasattr(d, "to_dict") else dict(d)
-    names = cls.field_names()
-    for k in d:
-      if k not in names:
-        close = difflib.get_close_matches(k, names, n=1)
-        hint = f"; did you mean model.{close[0]}?" if close else ""
-        raise ConfigError(f"unknown field model.{k} for model.kind={cls.kind!r}{hint}")
-    return cls(**d)
-
-  def to_dict(self):
-    return dataclasses.asdict(self)
-
-  def replace(self, **kw):
-    return dataclasses.replace(self, **kw)
+  def _where(cls):
+    return f" for model.kind={cls.kind!r}"
 
   @property
   def compute_dtype(self):
@@ -118,3 +104,46 @@ class BaseConfig:
   def dot_general(self):
     """The dense layers' `dot_general` (None: flax's own, in the compute dtype)."""
     return layers.mixed_dot(self)
+
+
+class GrowthRules:
+  """What growing a model's parameters needs beyond their logical axis names (the
+  generic expander, `mmrec_jax.growth.expander`, dispatches on those). A model's
+  schema names its rules in `GROWTH`; these defaults fit a plain residual stack."""
+
+  # Fields that only change how a model runs or trains, never its function.
+  runtime_fields = ("name", "max_seq_len", "dropout", "dtype", "param_dtype", "scan_layers",
+                    "remat", "matmul_dtype")
+  # The norm whose output feeds the tied head (divided by the width's copy count).
+  tied_head_norm = "final_norm/scale"
+
+  def hidden_widths(self, cfg) -> dict[str, int]:
+    """Hidden widths that must grow by integer multiples, by what they are."""
+    return {"FFN width (ffn_mult * d_model)": cfg.ffn_mult * cfg.d_model}
+
+  def inexact_reasons(self, small, big) -> list[str]:
+    """Model-specific reasons growth cannot preserve the function ([] if none)."""
+    del small, big
+    return []
+
+  def residual_writers(self, cfg) -> tuple[str, ...]:
+    """Parameters (path suffixes under `blocks`) that write into the residual stream:
+    zeroed in an inserted block, which is then an exact identity."""
+    del cfg
+    return ()
+
+  def prepare(self, params, small, big, key):
+    """The small model's parameters rearranged before growing (e.g. an FFN upcycled
+    into experts); default: as they are."""
+    del small, big, key
+    return params
+
+  def adjust(self, path, x, small, big, head_ratio):
+    """A grown parameter after the generic rules: model facts no axis name carries."""
+    del path, small, big, head_ratio
+    return x
+
+  def grow_state(self, state, small, width_src, layer_src):
+    """A decoding state of the small model as the big model's (None: not supported)."""
+    del state, small, width_src, layer_src
+    return None

@@ -126,6 +126,32 @@ def tied_head(x_BTD, embed_VD, cfg):
                     preferred_element_type=jnp.float32)
 
 
+class LanguageModel:
+  """What every model here shares beyond its own `__call__` (a mixin of the Flax
+  module): the tied head applied to final hidden states, the decoding form, a
+  form whose state holds a longer context, and no long-term memory by default."""
+
+  def logits(self, params, x_BTD):
+    """Logits float32 [B, T, V] of final hidden states (`apply(..., head=False)`)."""
+    return tied_head(x_BTD, params["embed"], self.cfg)
+
+  def unstack(self, params=None):
+    """(decoding model, its params): layers unrolled, weights read in place."""
+    if self.unstacked:
+      return self, params
+    model = type(self)(self.cfg, unstacked=True, parent=None)
+    return model, None if params is None else unstack_params(params, self.cfg.n_layers)
+
+  def for_context(self, n_tokens):
+    """This model with a decoding state that holds `n_tokens` tokens of context."""
+    return type(self)(self.cfg.for_context(n_tokens), unstacked=self.unstacked, parent=None)
+
+  def without_memory_read(self, variables):
+    """The variables with the long-term memory's read-out zeroed (None: no memory)."""
+    del variables
+    return None
+
+
 def run_layers(block_cls, cfg, x, state, *args, unstacked=False, deterministic=True):
   """Applies `cfg.n_layers` blocks `block_cls(cfg, deterministic)(x, state_l, *args)`.
 
@@ -189,3 +215,24 @@ def layer_state(state, i):
   if isinstance(state, list):
     return state[i]
   return jax.tree_util.tree_map(lambda s: s[i], state)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def bound(x, r):
+  """clip(x, -r, r) with derivative 1 everywhere (a straight-through bound)."""
+  return jnp.clip(x, -r, r)
+
+
+@bound.defjvp
+def _bound_jvp(r, primals, tangents):
+  (x,), (dx,) = primals, tangents
+  return bound(x, r), dx
+
+
+def positions(pos0, reset_T):
+  """Position of every token in its document, given the carried position, and the
+  index of the last document start at or before each token (-1: none in the window)."""
+  t_T = jnp.arange(reset_T.shape[0])
+  last_reset_T = jax.lax.cummax(jnp.where(reset_T, t_T, -1))
+  pos_T = jnp.where(last_reset_T >= 0, t_T - last_reset_T, pos0 + t_T)
+  return pos_T, last_reset_T

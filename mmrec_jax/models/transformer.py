@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from mmrec_jax import memory as mem_lib
 from mmrec_jax.models import base
 from mmrec_jax.models import layers
 from mmrec_jax.models.layers import MLP, dense, logical, rms_norm
@@ -42,6 +41,10 @@ class TransformerConfig(base.BaseConfig):
                f"model.d_model / model.n_heads = {self.d_model // self.n_heads} must be even "
                "(rotary positions rotate pairs of channels)")
     base.check(self.rope_base > 1, f"model.rope_base={self.rope_base} must be > 1")
+
+  def for_context(self, n_tokens):
+    """A KV cache of at least `n_tokens` tokens."""
+    return self if n_tokens <= self.cache_len else self.replace(cache_len=int(n_tokens))
 
 
 @struct.dataclass
@@ -121,8 +124,9 @@ class Block(nn.Module):
     return x_BTD, (new, {})
 
 
-class Transformer(nn.Module):
+class Transformer(layers.LanguageModel, nn.Module):
   """The baseline language model: embedding, L blocks, final RMSNorm, tied head."""
+  STATE_TYPE = KVCache
   cfg: TransformerConfig
   unstacked: bool = False
 
@@ -152,13 +156,6 @@ class Transformer(nn.Module):
     per_layer = 2 * D * 3 * D + 2 * D * D + 2 * 2 * D * span + 2 * 2 * D * F
     return float(L * per_layer + 2 * D * V)
 
-  def unstack(self, params=None):
-    """(decoding model, its params): layers unrolled, weights read in place."""
-    if self.unstacked:
-      return self, params
-    model = Transformer(self.cfg, unstacked=True, parent=None)
-    return model, None if params is None else layers.unstack_params(params, self.cfg.n_layers)
-
   @nn.compact
   def __call__(self, tokens_BT, state=None, reset=None, deterministic=True, last_only=False,
                head=True):
@@ -169,7 +166,7 @@ class Transformer(nn.Module):
     reset_BT = jnp.zeros((B, T), bool) if reset is None else reset.astype(bool)
     # Positions within the document and document numbers (the same for every layer).
     first = layers.layer_state(state, 0)
-    pos_BT, _ = jax.vmap(mem_lib.positions)(first.pos, reset_BT)
+    pos_BT, _ = jax.vmap(layers.positions)(first.pos, reset_BT)
     doc_BT = first.cur_doc[:, None] + jnp.cumsum(reset_BT, axis=1).astype(jnp.int32)
     embed_VD = layers.embedding(self, cfg)
     x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(cfg.compute_dtype)
@@ -180,6 +177,6 @@ class Transformer(nn.Module):
     if last_only:  # logits of the last position only (a prefill needs no others)
       x_BTD = x_BTD[:, -1:]
     x_BTD = rms_norm(cfg, "final_norm")(x_BTD)
-    if not head:  # the final hidden states; the caller applies the head (`loss.head_cross_entropy`)
+    if not head:  # the final hidden states; the caller applies the head (`logits`, as a chunked loss applies it)
       return x_BTD, new_state, {}
     return layers.tied_head(x_BTD, embed_VD, cfg), new_state, {}

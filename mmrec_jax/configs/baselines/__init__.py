@@ -1,0 +1,1 @@
+"""Transformer baselines of MM-Rec's sizes (`--config=baselines/transformer_tiny`)."""

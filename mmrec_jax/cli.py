@@ -52,7 +52,7 @@ def run(main):
   """absl `app.run(main)` with one-line errors and documented exit codes."""
 
   def wrapped(argv):
-    logging.set_verbosity(logging.ERROR)
+    quiet_library_noise()
     try:
       return main(argv)
     except errors.Interrupted as e:
@@ -68,6 +68,24 @@ def run(main):
       sys.exit(130)
 
   app.run(wrapped, flags_parser=parse_flags)
+
+
+def quiet_library_noise():
+  """What libraries print behind the project's own messages stays off stderr: absl log
+  lines of the checkpointer's background threads (a failed save is reported once, as
+  this project's error) and the tracebacks Python prints at exit for the
+  checkpointer's coroutines left pending on a closed event loop."""
+  logging.set_verbosity(logging.FATAL)
+  default = sys.unraisablehook
+
+  def hook(unraisable):
+    exc, obj = unraisable.exc_value, unraisable.object
+    noise = (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+             or isinstance(exc, ImportError) and "shutting down" in str(exc)
+             or type(obj).__name__ == "coroutine")
+    if not noise:
+      default(unraisable)
+  sys.unraisablehook = hook
 
 
 def _flush_stdout():

@@ -39,6 +39,12 @@ class TrainError(MMRecError):
   exit_code = 1
 
 
+class StorageError(MMRecError):
+  """A run could not write or read its files (a full disk, a read-only or vanished
+  workdir); the message names the path, what happened and what to do."""
+  exit_code = 1
+
+
 class WorkdirBusyError(MMRecError):
   """Another process is training in this workdir."""
   exit_code = 1

@@ -27,6 +27,10 @@ def main(argv):
     raise UsageError(f"--seq_len={f.seq_len} must be positive")
   model, variables, tok, config = load_lib.load(f.workdir, f.checkpoint)
   seq_len = f.seq_len or config.train.seq_len
+  if seq_len > config.model.max_seq_len:   # the rule train applies to train.seq_len
+    raise UsageError(f"--seq_len={seq_len} exceeds the model's max_seq_len="
+                     f"{config.model.max_seq_len}; pass --seq_len <= {config.model.max_seq_len} "
+                     "(--long_context=K measures longer contexts)")
   tokens = eval_tokens(config, tok, f.data)
   batches = make_batches(tokens, tok, seq_len, f.batch_size, f.max_batches)
   res = evaluate(model, variables, batches)

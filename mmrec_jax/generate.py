@@ -24,15 +24,31 @@ from mmrec_jax import cli as cli_lib
 from mmrec_jax.errors import UsageError
 
 
+def as_text(s, where):
+  """`s` with any byte that is not UTF-8 replaced by U+FFFD (a warning says so):
+  command-line arguments arrive with such bytes as surrogates."""
+  fixed = s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+  if fixed != s:
+    print(f"warning: {where} is not valid UTF-8; its invalid bytes were replaced by U+FFFD",
+          file=sys.stderr, flush=True)
+  return fixed
+
+
 def read_prompts(prompts, prompt_file=None, stdin=None):
   """The prompt strings of the flags (UsageError if none or one is empty)."""
   out = []
-  for p in prompts or ():
-    out.append((stdin or sys.stdin).read() if p == "-" else p)
+  for i, p in enumerate(prompts or ()):
+    if p == "-":
+      raw = getattr(stdin or sys.stdin, "buffer", None)
+      text = (raw.read().decode("utf-8", "replace") if raw is not None
+              else (stdin or sys.stdin).read())
+      out.append(as_text(text, "standard input"))
+    else:
+      out.append(as_text(p, f"--prompt number {i + 1}"))
   if prompt_file:
     if not os.path.isfile(prompt_file):
       raise UsageError(f"prompt file {prompt_file!r} not found")
-    with open(prompt_file, encoding="utf-8") as f:
+    with open(prompt_file, encoding="utf-8", errors="replace") as f:
       if prompt_file.endswith(".jsonl"):
         for n, line in enumerate(f, 1):
           if line.strip():

@@ -16,6 +16,7 @@ from ml_collections import config_flags
 from mmrec_jax import cli
 from mmrec_jax import config as config_lib
 from mmrec_jax import models
+from mmrec_jax.errors import UsageError
 
 
 def count_by_module(model_cfg, depth=2):
@@ -29,6 +30,9 @@ def count_by_module(model_cfg, depth=2):
 
 def main(argv):
   del argv
+  if flags.FLAGS.depth < 1:
+    raise UsageError(f"--depth={flags.FLAGS.depth} must be >= 1 (how many levels of module "
+                     "names to group by, e.g. --depth=2)")
   cfg = config_lib.validate(flags.FLAGS.config)
   counts, total = count_by_module(cfg.model, flags.FLAGS.depth)
   width = max(len(k) for k in counts)

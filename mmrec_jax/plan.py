@@ -285,6 +285,11 @@ def main(argv):
   if not 0 < FLAGS.mfu <= 1:
     raise UsageError(f"--mfu={FLAGS.mfu} must be in (0, 1]")
   c = config_lib.validate(FLAGS.config).override(over)
+  try:
+    shard_lib.mesh_shape(c.mesh, FLAGS.devices)
+  except ConfigError as e:   # name the flag this command takes for the mesh
+    raise ConfigError(str(e).replace("set --config.mesh.data=-1", "pass e.g. "
+                                     "--mesh=data:-1,fsdp:1,tensor:1 (-1: the rest)")) from None
   if len(jax.devices()) < FLAGS.devices:
     raise ConfigError(f"only {len(jax.devices())} host devices; run python -m mmrec_jax.plan")
   kinds = FLAGS.device_kind.split(",")

@@ -83,7 +83,7 @@ def grow_workdir(from_workdir, config, workdir, noise=0.05, allow_inexact=False,
     raise UsageError(f"--workdir={workdir} is not empty; pass a new or empty directory to "
                      "grow into")
   config = config_lib.typed(config)
-  old_cfg = ckpt_lib.load_run_config(from_workdir)
+  old_cfg = ckpt_lib.load_run_config(from_workdir, flag="--from_workdir")
   small, big = models.make_config(old_cfg.model), models.make_config(config.model)
   reasons = check_growable(small, big, allow_inexact)
   small_params, step = ckpt_lib.restore_params(from_workdir, checkpoint)

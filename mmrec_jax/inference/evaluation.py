@@ -26,7 +26,7 @@ from mmrec_jax.training import loss as loss_lib
 from mmrec_jax.training import metrics as metrics_lib
 from mmrec_jax.data import tokenizer as tok_lib
 from mmrec_jax.io import workdir as workdir_lib
-from mmrec_jax.errors import UsageError
+from mmrec_jax.errors import DataError, UsageError
 
 TABLE = "loss_by_position.tsv"
 PLOT = "loss_by_position.png"
@@ -34,12 +34,18 @@ PLOT = "loss_by_position.png"
 
 def eval_tokens(config, tok, data_path=None):
   """Token ids (each document preceded by `<|eod|>`) of `data_path` or the val split."""
-  text_field = config.data.text_field if "data" in config else "text"
   if data_path:
-    parts = list(data.encode_documents(data.read_documents(data_path, text_field), tok))
+    try:
+      docs = data.read_documents(data_path, config.data.text_field)
+      parts = list(data.encode_documents(docs, tok))
+    except DataError as e:   # name the flag this command reads the path from
+      raise DataError(str(e).replace("check data.path / data.val_path", "check --data")) from None
     return np.concatenate(parts) if parts else np.zeros(0, np.int32)
-  if "data" not in config:
-    raise UsageError("this folder has no data config (an export?); pass --data=PATH")
+  if getattr(config, "is_export", False):
+    raise UsageError("an exported folder holds no data config; pass --data=PATH")
+  if config.data.task:
+    raise UsageError(f"the run trained on a generated task ({config.data.task}); score it "
+                     "with python -m mmrec_jax.bench.recall, or pass --data=PATH")
   if not (config.data.val_path or config.data.val_fraction > 0):
     raise UsageError("the run has no validation split (data.val_fraction=0, no data.val_path); "
                      "pass --data=PATH")

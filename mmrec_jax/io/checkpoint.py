@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 
 import jax
@@ -37,7 +38,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm_policies
 
 from mmrec_jax.io import workdir as workdir_lib
-from mmrec_jax.errors import LoadError, TrainError, UsageError
+from mmrec_jax.errors import LoadError, StorageError, TrainError, UsageError
+from mmrec_jax.io import checksum as checksum_lib
 
 ITEMS = ("params", "opt_state", "train", "data", "meta")
 CONFIG_FILE = "config.json"
@@ -80,13 +82,90 @@ def save(mngr, step, params, opt_state, rng, data_state, val_loss=None, extra=No
   if carry is not None:
     train["carry"] = carry
   meta = {"step": int(step), "val_loss": None if val_loss is None else float(val_loss),
-          "time": time.time(), **(extra or {})}
+          "time": time.time(), **(extra or {}),
+          "checksum": {"params": checksum_lib.checksum(params),
+                       "opt_state": checksum_lib.checksum(opt_state)}}
   args = ocp.args.Composite(
       params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
       train=ocp.args.StandardSave(train), data=ocp.args.JsonSave(data_state),
       meta=ocp.args.JsonSave(meta))
   metrics = None if val_loss is None else {"val_loss": float(val_loss)}
-  return mngr.save(step, args=args, metrics=metrics, force=True)
+  with storage_errors(mngr, step):
+    return mngr.save(step, args=args, metrics=metrics, force=True)
+
+
+def finish(mngr):
+  """Waits for the last (async) save and closes the manager; StorageError (one line)
+  if a save failed, with its temporary folder removed."""
+  with storage_errors(mngr, None):
+    mngr.wait_until_finished()
+  mngr.close()
+
+
+@contextlib.contextmanager
+def storage_errors(mngr, step):
+  """A failed write (now, or an earlier async save surfacing here) as one StorageError
+  naming the folder and the fix; the failed save's temporary folders are removed,
+  so the newest complete checkpoint stays the latest."""
+  try:
+    with _quiet_orbax():
+      yield
+  except Exception as e:  # pylint: disable=broad-except  (Orbax raises many kinds)
+    if isinstance(e, (TrainError, UsageError)):
+      raise
+    where = str(mngr.directory)
+    failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", _chain_text(e))
+    step = int(failed.group(1)) if failed else step
+    _remove_partial_saves(where)
+    kept = [s for s in sorted(mngr.all_steps(read=True))
+            if os.path.isdir(os.path.join(where, str(s)))]
+    last = f"step {kept[-1]} is the latest checkpoint" if kept else "no checkpoint was kept"
+    raise StorageError(
+        f"cannot write the checkpoint{f' of step {step}' if step is not None else ''} in "
+        f"{where}: {_storage_reason(e)}; {last}; free space (or make the folder writable), then "
+        "rerun the same command to resume") from None
+
+
+def _chain_text(e):
+  parts, c = [], e
+  while c is not None and len(parts) < 8:
+    parts.append(str(c))
+    c = c.__cause__ or c.__context__
+  return " ".join(parts)
+
+
+def _storage_reason(e):
+  """What went wrong writing, in a few words."""
+  text = _chain_text(e)
+  for needle, words in (("No space left", "no space left on device"),
+                        ("Read-only file system", "the file system is read-only"),
+                        ("Permission denied", "permission denied"),
+                        ("No such file or directory", "the folder vanished")):
+    if needle in text:
+      return words
+  return short_reason(e)
+
+
+def _remove_partial_saves(directory):
+  if not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if ".orbax-checkpoint-tmp" in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+class ChecksumMismatch(Exception):
+  """A restored tree's values do not match the checksum saved with them."""
+
+
+def verify(meta, **trees):
+  """ChecksumMismatch if a restored tree differs from its saved checksum (checkpoints
+  saved without checksums are not checked)."""
+  saved = (meta or {}).get("checksum") or {}
+  for name, tree in trees.items():
+    if name in saved and checksum_lib.checksum(tree) != int(saved[name]):
+      raise ChecksumMismatch(f"DATA_LOSS: the {name} values do not match their checksum "
+                             "(a corrupted file)")
 
 
 def restore(mngr, step, abstract_params, abstract_opt_state, abstract_rng, abstract_carry=None):
@@ -102,12 +181,14 @@ def restore(mngr, step, abstract_params, abstract_opt_state, abstract_rng, abstr
       opt_state=ocp.args.StandardRestore(abstract_opt_state),
       train=ocp.args.StandardRestore(train), data=ocp.args.JsonRestore(),
       meta=ocp.args.JsonRestore()))
+  verify(out.meta, params=out.params, opt_state=out.opt_state)
   res = (out.params, out.opt_state, out.train["rng"], out.data, out.meta)
   return res + (out.train["carry"],) if abstract_carry is not None else res
 
 
 _TS_STATUS = re.compile(r"\b(DATA_LOSS|OUT_OF_RANGE|FAILED_PRECONDITION|NOT_FOUND|INVALID_ARGUMENT"
-                        r"|INTERNAL|UNKNOWN|ABORTED|UNAVAILABLE):")
+                        r"|INTERNAL|UNKNOWN|ABORTED|UNAVAILABLE|RESOURCE_EXHAUSTED"
+                        r"|PERMISSION_DENIED):")
 _TS_WHERE = re.compile(r' in OCDBT database at local file "[^"]*"| at local file "[^"]*"')
 
 
@@ -204,7 +285,9 @@ def _restore_params_at(mngr, step):
                                           if _has_cpu() else jax.local_devices()[0])
   abstract = jax.tree.map(
       lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), meta)
-  out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+  out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract),
+                                                   meta=ocp.args.JsonRestore()))
+  verify(out.meta, params=out.params)
   return out.params
 
 
@@ -261,10 +344,15 @@ def save_run_config(workdir, config):
   workdir_lib.atomic_write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
 
 
-def read_run_config_dict(workdir):
-  """workdir/config.json as a dict (plain JSON, no code); UsageError (one line) if it is
-  not a JSON object with a model section."""
+def read_run_config_dict(workdir, flag="--workdir"):
+  """workdir/config.json as a dict (plain JSON, no code); UsageError (one line, naming
+  `flag`) if the folder or the file is missing or not this project's run config."""
   path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isdir(workdir):
+    raise UsageError(f"{flag}={workdir} is not a directory; pass the workdir of a run")
+  if not os.path.isfile(path):
+    raise UsageError(f"{flag}={workdir} holds no {CONFIG_FILE}: it is not a run's workdir; pass "
+                     "the workdir of a run")
   try:
     with open(path) as f:
       d = json.load(f)
@@ -277,11 +365,11 @@ def read_run_config_dict(workdir):
   return d
 
 
-def load_run_config(workdir):
+def load_run_config(workdir, flag="--workdir"):
   """The run's typed config from workdir/config.json; a field the run predates has
   the value the run had in effect (`BEFORE_FIELDS`, every section)."""
   from mmrec_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  return config_lib.from_dict(read_run_config_dict(workdir), saved=True)
+  return config_lib.from_dict(read_run_config_dict(workdir, flag), saved=True)
 
 
 def has_run_config(workdir):

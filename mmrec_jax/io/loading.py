@@ -60,8 +60,10 @@ def _read_json(path):
 @dataclasses.dataclass(frozen=True)
 class LoadedConfig(config_lib.Config):
   """A loaded run's config, with the checkpoint step its parameters come from
-  (None for an export of an unknown step)."""
+  (None for an export of an unknown step) and whether it is an export's (whose
+  data section is not the run's)."""
   loaded_step: int | None = None
+  is_export: bool = False
 
 
 def read_config(path):
@@ -159,5 +161,6 @@ def load(path, checkpoint="best"):
   params, step = _read_params(path, checkpoint)
   check_shapes(params, model)
   params = jax.tree.map(lambda x: jnp.asarray(x, model.cfg.params_dtype), params)
-  cfg = LoadedConfig(**{s: getattr(cfg, s) for s in config_lib.SECTION_NAMES}, loaded_step=step)
+  cfg = LoadedConfig(**{s: getattr(cfg, s) for s in config_lib.SECTION_NAMES}, loaded_step=step,
+                     is_export=is_export(path))
   return model, {"params": params}, tok, cfg

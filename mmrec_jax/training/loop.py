@@ -20,7 +20,7 @@ import numpy as np
 from mmrec_jax import config as config_lib
 from mmrec_jax import models
 from mmrec_jax.data import pipeline as data_lib
-from mmrec_jax.errors import TrainError
+from mmrec_jax.errors import StorageError, TrainError
 from mmrec_jax.io import checkpoint as ckpt_lib
 from mmrec_jax.io import workdir as workdir_lib
 from mmrec_jax.training import hooks as hooks_lib
@@ -209,20 +209,26 @@ def train(run: Run, p: hooks_lib.Progress, init_from=None):
           p.reason = "interrupted"
       hooks_lib.flush_metrics(run, p)
       hooks_lib.save(run, p)
-  except TrainError:
+  except (TrainError, StorageError):
     p.pending = []
-    close(run, plot=False)
+    close(run, failed=True)
     raise
   return stop.signal
 
 
-def close(run, plot=True):
-  """Waits for the last checkpoint; returns the steps kept."""
-  run.mngr.wait_until_finished()
+def close(run, failed=False):
+  """Waits for the last checkpoint; returns the steps kept. After a failure the
+  run's own error is the one reported (a save failing meanwhile adds nothing)."""
+  try:
+    ckpt_lib.finish(run.mngr)
+  except StorageError:
+    if not failed:
+      run.bar.close()
+      run.writer.close()
+      raise
   kept = sorted(run.mngr.all_steps())
-  run.mngr.close()
   run.bar.close()
-  if plot:
+  if not failed:
     run.writer.plot()
   run.writer.close()
   return kept

@@ -6,6 +6,8 @@ the sharding rules map onto the mesh and the growth code dispatches on.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Any
 
@@ -20,6 +22,33 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+
+BTD = ("activation_batch", "activation_length", "activation_embed")
+ACTIVATION_HIDDEN = ("activation_batch", "activation_length")
+
+
+_MESH = contextvars.ContextVar("activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh):
+  """Within: `constrain` constrains activations on `mesh` (by the logical axis rules in
+  effect, `nn.logical_axis_rules`)."""
+  token = _MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _MESH.reset(token)
+
+
+def constrain(x, *axes):
+  """`x` with its sharding constrained by logical activation axis names (one per
+  dimension, None: unsharded); a no-op outside `training.sharding.activation_sharding`."""
+  mesh = _MESH.get()
+  if mesh is None:
+    return x
+  return nn.with_logical_constraint(x, axes, mesh=mesh)
 
 
 def logical(init, *axes):
@@ -106,7 +135,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     y = dense(self.hidden, ("embed", self.hidden_axis), self.cfg, "up", use_bias=True)(x)
-    y = nn.gelu(y)
+    y = constrain(nn.gelu(y), *ACTIVATION_HIDDEN[:y.ndim - 1], "activation_mlp")
     return dense(self.out, (self.hidden_axis, "embed"), self.cfg, "down", use_bias=True,
                  init_scale=self.out_init_scale, bias_init=self.out_bias_init)(y)
 
@@ -116,6 +145,15 @@ def embedding(module, cfg):
   return module.param("embed", logical(nn.initializers.normal(cfg.d_model ** -0.5),
                                        "vocab", "embed"),
                       (cfg.vocab_size, cfg.d_model), cfg.params_dtype)
+
+
+def embed_tokens(embed_VD, tokens_BT, cfg):
+  """The tokens' rows of the table [B, T, D] in the compute dtype, batch-sharded. The
+  table is gathered whole along its width first (as FSDP gathers any weight before
+  using it): a lookup into a width-sharded table cannot reach the batch sharding
+  without an involuntary full rematerialisation."""
+  table_VD = constrain(embed_VD, "activation_vocab", None)
+  return constrain(jnp.take(table_VD, tokens_BT, axis=0).astype(cfg.compute_dtype), *BTD)
 
 
 def tied_head(x_BTD, embed_VD, cfg):

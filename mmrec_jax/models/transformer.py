@@ -80,12 +80,14 @@ class Block(nn.Module):
     hd = D // H
     dt = cfg.compute_dtype
     out_scale = 1.0 / (2 * cfg.n_layers)
+    x_BTD = layers.constrain(x_BTD, *layers.BTD)
     xn_BTD = rms_norm(cfg, "norm_attn")(x_BTD)
     qkv_BT3D = nn.DenseGeneral(
         (3, D), use_bias=False, dtype=dt, param_dtype=cfg.params_dtype,
         kernel_init=logical(layers.scaled(), "embed", None, "fused"), dot_general=cfg.dot_general,
         name="qkv")(xn_BTD)
-    q_BTHd, k_BTHd, v_BTHd = (qkv_BT3D[..., j, :].reshape(B, T, H, hd) for j in range(3))
+    q_BTHd, k_BTHd, v_BTHd = (layers.constrain(qkv_BT3D[..., j, :].reshape(B, T, H, hd), "activation_batch", "activation_length", "activation_heads", None)
+                              for j in range(3))
     q_BTHd = rope(q_BTHd, pos_BT, cfg.rope_base)
     k_BTHd = rope(k_BTHd, pos_BT, cfg.rope_base)
 
@@ -110,7 +112,8 @@ class Block(nn.Module):
 
     f_BTD = MLP(cfg.ffn_mult * D, D, cfg, name="ffn", out_init_scale=out_scale)(
         rms_norm(cfg, "norm_ffn")(x_BTD))
-    x_BTD = x_BTD + nn.Dropout(cfg.dropout)(f_BTD, deterministic=self.deterministic)
+    x_BTD = layers.constrain(x_BTD + nn.Dropout(cfg.dropout)(f_BTD, deterministic=self.deterministic),
+                             *layers.BTD)
 
     # The newest C entries of (cache, new tokens), padded in front when there are fewer.
     C = cfg.cache_len
@@ -169,7 +172,7 @@ class Transformer(layers.LanguageModel, nn.Module):
     pos_BT, _ = jax.vmap(layers.positions)(first.pos, reset_BT)
     doc_BT = first.cur_doc[:, None] + jnp.cumsum(reset_BT, axis=1).astype(jnp.int32)
     embed_VD = layers.embedding(self, cfg)
-    x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(cfg.compute_dtype)
+    x_BTD = layers.embed_tokens(embed_VD, tokens_BT, cfg)
     x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
     x_BTD, new_state, _ = layers.run_layers(Block, cfg, x_BTD, state, pos_BT, doc_BT,
                                             unstacked=self.unstacked,
@@ -179,4 +182,6 @@ class Transformer(layers.LanguageModel, nn.Module):
     x_BTD = rms_norm(cfg, "final_norm")(x_BTD)
     if not head:  # the final hidden states; the caller applies the head (`logits`, as a chunked loss applies it)
       return x_BTD, new_state, {}
-    return layers.tied_head(x_BTD, embed_VD, cfg), new_state, {}
+    logits_BTV = layers.constrain(layers.tied_head(x_BTD, embed_VD, cfg), "activation_batch",
+                                  "activation_length", "activation_vocab")
+    return logits_BTV, new_state, {}

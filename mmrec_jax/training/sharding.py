@@ -6,6 +6,8 @@ vocab / hidden / fused / memory widths). Batches are sharded over (data, fsdp).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import jax
@@ -15,6 +17,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmrec_jax.config.sections import MeshConfig
+from mmrec_jax.models import layers
 from mmrec_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -32,6 +35,38 @@ LOGICAL_RULES = (
     ("expert", None),
     ("rank", None),
 )
+
+
+# Activations' logical axes -> mesh axes: the batch over data x fsdp, heads, the FFN's
+# hidden and the vocabulary over tensor, the sequence unsharded (a sequence axis can
+# be mapped later). The model constrains its activations by these names
+# (`models.layers.constrain`) while the train and eval steps trace under
+# `activation_sharding`, so the partitioner never has to guess an activation's layout.
+ACTIVATION_RULES = (
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_kv", "tensor"),
+    ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh):
+  """Within: the model's activation constraints apply on `mesh` (outside, they are no-ops)."""
+  with layers.activation_mesh(mesh), nn.logical_axis_rules(ACTIVATION_RULES):
+    yield
+
+
+def under_activation_sharding(fn, mesh):
+  """`fn` traced within `activation_sharding(mesh)` (wrap a step before jitting it)."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with activation_sharding(mesh):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def maybe_initialize_distributed():

@@ -88,11 +88,12 @@ def setup(config, devices=None):
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sh)
   batch_sh = {k: shard_lib.batch_sharding(mesh) for k in loss_lib.BATCH_KEYS}
-  train_step = jax.jit(make_train_step(model, tx, schedule, t.grad_accum, mesh,
-                                       t.loss_chunk),
+  train_step = jax.jit(shard_lib.under_activation_sharding(
+      make_train_step(model, tx, schedule, t.grad_accum, mesh, t.loss_chunk), mesh),
                        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
                        donate_argnums=(0,))
-  eval_step = jax.jit(loss_lib.make_eval_step(model), in_shardings=(param_sh, batch_sh),
+  eval_step = jax.jit(shard_lib.under_activation_sharding(loss_lib.make_eval_step(model), mesh),
+                      in_shardings=(param_sh, batch_sh),
                       out_shardings=repl)
   return Setup(model, mesh, tx, schedule, state_sh, abstract, train_step, eval_step,
                init_key, train_key)

@@ -11,11 +11,14 @@ from mmrec_jax import config as config_lib
 from mmrec_jax.data import synthetic
 from mmrec_jax.errors import UsageError
 
-# The training mix of every arm: MQAR up to 16 pairs in 256 tokens, spread MQAR (one
-# pair per chunk of 16), a 4-token passkey; rows split evenly among the three.
-TRAIN_TASK = "mqar:mix=64x4+128x8+256x16|spread_mqar:pairs=6,chunk=16|passkey:key=4"
-# The gate: MQAR with 4 pairs in 64 tokens, inside the training length.
-GATE_TASK = "mqar:mix=64x4"
+# The training mix of every arm: MQAR from 4 pairs in 16 tokens to 16 pairs in 256
+# (short rows in every batch make attention's recall circuit form: without them a
+# Transformer stays at the 1/N plateau for thousands of steps), spread MQAR (one pair
+# per chunk of 16), a 4-token passkey; rows split evenly among the three tasks.
+TRAIN_TASK = ("mqar:mix=16x4+64x4+128x8+256x16|spread_mqar:pairs=6,chunk=16|passkey:key=4")
+# The gate: MQAR with 4 pairs in 64 tokens (short rows of 16 tokens mixed in), scored
+# on 64-token rows inside the training length.
+GATE_TASK = "mqar:mix=16x4+64x4"
 
 # Every arm at recall scale: MM-Rec's design at a width and depth that learn these
 # tasks within the benchmark's budget on a CPU (the memory's chunks match the spread

@@ -12,6 +12,9 @@ from mmrec_jax.models.moe import MoE
 from mmrec_jax.models.mmrec.config import GATE_BOUND, MMRecConfig
 from mmrec_jax.models.mmrec.hds import HDSMemory, LayerState
 from mmrec_jax.models.mmrec.scan import linear_scan
+from mmrec_jax.models.mmrec.scan_pallas_gated import linear_scan_pallas_gated
+
+KV = ("activation_batch", "activation_length", "activation_kv")   # the D-wide pieces of the fused projection and the recurrence
 
 
 class LowRank(nn.Module):
@@ -66,6 +69,7 @@ class Block(nn.Module):
     D, dt = cfg.d_model, cfg.compute_dtype
     hid = D // cfg.mdi_hidden_div
     out_scale = 1.0 / (2 * cfg.n_layers)
+    x_BTD = layers.constrain(x_BTD, *layers.BTD)
     xn_BTD = rms_norm(cfg, "norm_mix")(x_BTD)
     # One fused projection: kernel [D, 5, D], slices q, k, v, z, i of its middle axis
     # ([D, 4, D] without q when there is no memory).
@@ -75,7 +79,8 @@ class Block(nn.Module):
         kernel_init=logical(layers.scaled(), "embed", None, "fused"), dot_general=cfg.dot_general,
         name="fused")(xn_BTD)
     # One split (its gradient is one concatenation, not n padded copies summed).
-    parts = [p[..., 0, :] for p in jax.lax.split(fused_BTnD, [1] * n, axis=-2)]
+    parts = [layers.constrain(p[..., 0, :], *KV)
+             for p in jax.lax.split(fused_BTnD, [1] * n, axis=-2)]
     k_BTD, v_BTD, z_BTD, i_BTD = parts[n - 4:]
 
     # MDI: log a = log sig(lam + f_base(z)) + log sig(f_ctx(k)), decay in (0, 1).
@@ -88,10 +93,14 @@ class Block(nn.Module):
     ctx_BTD = MLP(hid, D, cfg, name="mdi_ctx", out_init_scale=0.1, out_bias_init=half)(k_BTD)
     f32 = jnp.float32
     log_a = log_decay(lam_D, base_BTD, ctx_BTD)
-    a_BTD = jnp.exp(log_a)
-    b_BTD = -jnp.expm1(log_a) * jax.nn.sigmoid(i_BTD.astype(f32)) * z_BTD.astype(f32)
-    h_BTD = linear_scan(a_BTD, b_BTD, state.h, reset_BT, impl=cfg.scan_impl,
-                        chunk=cfg.scan_chunk)
+    if cfg.scan_impl == "pallas" and x_BTD.shape[1] > 1:   # the gates inside the kernel
+      h_BTD = linear_scan_pallas_gated(log_a, i_BTD, z_BTD, state.h, reset_BT)
+    else:
+      a_BTD = jnp.exp(log_a)
+      b_BTD = -jnp.expm1(log_a) * jax.nn.sigmoid(i_BTD.astype(f32)) * z_BTD.astype(f32)
+      h_BTD = linear_scan(layers.constrain(a_BTD, *KV), layers.constrain(b_BTD, *KV), state.h,
+                          reset_BT, impl=cfg.scan_impl, chunk=cfg.scan_chunk)
+    h_BTD = layers.constrain(h_BTD, *KV)
 
     if cfg.mem_levels:
       mem_BTD, (memory, pos, csum, cw) = HDSMemory(cfg, name="memory")(
@@ -114,7 +123,7 @@ class Block(nn.Module):
     else:
       f_BTD = MLP(cfg.ffn_mult * D, D, cfg, name="ffn", out_init_scale=out_scale)(xn_BTD)
     f_BTD = nn.Dropout(cfg.dropout)(f_BTD, deterministic=self.deterministic)
-    x_BTD = x_BTD + f_BTD
+    x_BTD = layers.constrain(x_BTD + f_BTD, *layers.BTD)
 
     if cfg.use_uboo:  # predict sg(RMSNorm(h_{t+1})) from h_t, within a document
       pred_BTD = MLP(hid, D, cfg, name="uboo")(h_BTD[:, :-1].astype(dt)).astype(f32)

@@ -84,7 +84,7 @@ class HDSMemory(nn.Module):
     # The memory stores each summary's key and value: the projections are linear,
     # so pooling them in the coarser levels equals projecting pooled summaries,
     # and no slot is ever projected twice.
-    kv_BKX = summarise_kv(acc_BKX)
+    kv_BKX = layers.constrain(summarise_kv(acc_BKX), "activation_batch", None, "activation_kv")
 
     # A chunk's mass (its tokens' total pooling weight) weights it when levels merge.
     # Each write's document (-1: the carried one) and chunk index in it.
@@ -94,12 +94,16 @@ class HDSMemory(nn.Module):
         state.memory, state.pos // cfg.chunk_size, kv_BKX, acc_BKX[..., D], end_valid_BK,
         doc_BK, chunk_BK)
     K1, M = m_BKMX.shape[1:3]
-    keys = m_BKMX[..., :D].astype(dt).reshape(B, K1, M, H, D // H)
-    vals = m_BKMX[..., D:].astype(dt).reshape(B, K1, M, H, D // H)
+    heads = lambda x: layers.constrain(x.astype(dt).reshape(B, K1, M, H, D // H),
+                                       "activation_batch", None, None, "activation_heads", None)
+    keys, vals = heads(m_BKMX[..., :D]), heads(m_BKMX[..., D:])
     window = min(cfg.chunk_size, T)
     read_BTHd = jax.vmap(mem_lib.attend, in_axes=(0, 0, 0, 0, 0, 0, None, None, None, None))(
-        q_BTD.reshape(B, T, H, D // H), keys, vals, valid_BKM, k_BT, cleared_BT, window, scale_H,
+        layers.constrain(q_BTD.reshape(B, T, H, D // H), "activation_batch", "activation_length",
+                         "activation_heads", None), keys, vals, valid_BKM, k_BT, cleared_BT, window, scale_H,
         cfg.mem_read_logn, sink)
+    read_BTHd = layers.constrain(read_BTHd, "activation_batch", "activation_length",
+                                 "activation_heads", None)
     out_BTD = out(read_BTHd.reshape(B, T, D).astype(dt))
 
     # The state after the last token.

@@ -108,7 +108,7 @@ class MMRec(layers.LanguageModel, nn.Module):
       state = self.init_state(B)
     reset_BT = jnp.zeros((B, T), bool) if reset is None else reset.astype(bool)
     embed_VD = layers.embedding(self, cfg)
-    x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(cfg.compute_dtype)
+    x_BTD = layers.embed_tokens(embed_VD, tokens_BT, cfg)
     x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
     x_BTD, new_state, aux = layers.run_layers(Block, cfg, x_BTD, state, reset_BT,
                                               unstacked=self.unstacked,
@@ -119,4 +119,6 @@ class MMRec(layers.LanguageModel, nn.Module):
     x_BTD = rms_norm(cfg, "final_norm")(x_BTD)
     if not head:  # the final hidden states; the caller applies the head (`logits`, as a chunked loss applies it)
       return x_BTD, new_state, aux
-    return layers.tied_head(x_BTD, embed_VD, cfg), new_state, aux
+    logits_BTV = layers.constrain(layers.tied_head(x_BTD, embed_VD, cfg), "activation_batch",
+                                  "activation_length", "activation_vocab")
+    return logits_BTV, new_state, aux

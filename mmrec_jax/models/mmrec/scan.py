@@ -6,8 +6,11 @@
 - `associative`: `lax.associative_scan` with the combine
   (a1, b1) o (a2, b2) = (a1*a2, a2*b1 + b2), O(log T) depth;
 - `chunked`: associative inside chunks of `chunk` steps, carried across chunks
-  by a short sequential scan (the usual choice on accelerators);
-- `auto`: chooses per backend.
+  by a short sequential scan;
+- `pallas`: a Pallas kernel with a hand-written backward (`scan_pallas.py`; on a
+  CPU it runs in Pallas interpret mode, slowly, so the same config trains there);
+  the MM-Rec block calls its fused form, gates inside the kernel;
+- `auto`: chooses per backend (never `pallas` until it is measured faster there).
 
 All accumulate in float32 whatever the input dtype. `reset[b, t]` drops the
 carried state before step t (h_{t-1} := 0), so packed documents do not leak
@@ -18,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "associative", "sequential", "chunked")
+IMPLS = ("auto", "associative", "sequential", "chunked", "pallas")
 
 
 def resolve_impl(impl: str, seq_len: int | None = None) -> str:
@@ -91,7 +94,7 @@ def linear_scan(a_BTD, b_BTD, h0_BD=None, reset_BT=None, *, impl="auto", chunk=6
     b_BTD: inputs.
     h0_BD: the carried state (zeros if None).
     reset_BT: bool, True where the carried state is dropped before step t.
-    impl: 'auto' | 'associative' | 'sequential' | 'chunked'.
+    impl: 'auto' | 'associative' | 'sequential' | 'chunked' | 'pallas'.
     chunk: chunk length of the chunked implementation.
   """
   a_BTD = a_BTD.astype(jnp.float32)
@@ -103,6 +106,9 @@ def linear_scan(a_BTD, b_BTD, h0_BD=None, reset_BT=None, *, impl="auto", chunk=6
   if T == 1:  # one step (decoding): the same arithmetic as every implementation, no loop
     return (a_BTD[:, 0] * h0_BD + b_BTD[:, 0])[:, None]
   impl = resolve_impl(impl, T)
+  if impl == "pallas":
+    from mmrec_jax.models.mmrec.scan_pallas import linear_scan_pallas  # pylint: disable=import-outside-toplevel
+    return linear_scan_pallas(a_BTD, b_BTD, h0_BD)   # resets already folded into a
   if impl == "sequential":
     return _sequential(a_BTD, b_BTD, h0_BD)
   if impl == "associative":

@@ -1,23 +1,28 @@
 """Will a run fit, and how fast will it go? Plans a training run before renting devices.
 
-    python -m mmrec_jax.plan --config=configs/7b.py --devices=64 \
-        --mesh=data:1,fsdp:64,tensor:1 --device_kind=v5p [--batch_size=512 --seq_len=8192
-        --mfu=0.4 --n_layers=1 --config.model.remat=full]
+    python -m mmrec_jax.plan --config=7b --devices=64 --device_kind=H100
+        [--mesh=data:1,fsdp:-1,tensor:1 --batch_size=512 --seq_len=2048 --mfu=0.4
+         --config.model.remat=full --config.train.grad_accum=8]
+    python -m mmrec_jax.plan --config=7b --devices=8,64,256 --mesh=data:1,fsdp:-1,tensor:1
 
 Lowers and compiles the train step for `--devices` devices without allocating any
 parameter: abstract shapes on that many host (CPU) devices, so it runs on a laptop.
 Prints per-device memory for the parameters and the optimizer state (from their
 shardings) and for the activations and other temporaries (the compiled program's
-memory analysis), the FLOPs of a step (its cost analysis, next to the model's
-`flops_per_token`), and the step time and tokens/s at the device's bf16 peak and
-`--mfu`; says plainly when it does not fit the device's memory and what to change.
+memory analysis), the FLOPs of a step, and the step time and tokens/s at the
+device's bf16 peak and `--mfu`; says plainly when it does not fit the device's
+memory and what to change. Several device counts plan the same load per device
+(the batch grows with the count) and print the per-device memory at each: it
+should stay flat, and a growth is reported as a defect.
 
-`--n_layers=K` compiles K and K+1 layers (unrolled) and extrapolates the per-layer
-activation memory and FLOPs linearly to the model's depth: compiling a 7B model for 64
-devices on a small machine takes long otherwise. Parameters and optimizer state are
-always exact for the full model. The memory analysis is of the program XLA compiles
-for host CPUs: temporaries on a TPU or GPU differ (other fusion, bf16 kept native),
-so treat activations as an estimate with ~20% headroom.
+The step compiles as it trains: with a rolled layer loop (`model.scan_layers`, the
+default) the compile time does not depend on depth (a 7B model for 256 devices
+compiles in about a minute here) and the memory is the run's. `--n_layers=K`
+compiles K and K+1 unrolled layers instead and extrapolates per layer (XLA then
+schedules the unrolled layers' weight gathers together, so the figure is an upper
+bound). The memory analysis is of the program XLA compiles for host CPUs:
+temporaries on a TPU or GPU differ (other fusion, bf16 kept native), so treat
+activations as an estimate with ~20% headroom.
 """
 from __future__ import annotations
 
@@ -33,11 +38,10 @@ def _reexec_with_devices():
   """The host device count must be set before JAX starts: run again with it set."""
   n = None
   for i, a in enumerate(sys.argv[1:], 1):
-    m = re.fullmatch(r"--devices=(\d+)", a)
-    if m:
-      n = int(m.group(1))
-    elif a == "--devices" and i + 1 < len(sys.argv):
-      n = int(sys.argv[i + 1]) if sys.argv[i + 1].isdigit() else None
+    value = a.split("=", 1)[1] if a.startswith("--devices=") else (
+        sys.argv[i + 1] if a == "--devices" and i + 1 < len(sys.argv) else None)
+    if value is not None and re.fullmatch(r"\d+(,\d+)*", value):
+      n = max(int(v) for v in value.split(","))
   if n is None or os.environ.get(_DEVICES_ENV) == str(n):
     return
   xla = [f for f in os.environ.get("XLA_FLAGS", "").split()
@@ -60,6 +64,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from mmrec_jax import cli  # noqa: E402
 from mmrec_jax import config as config_lib  # noqa: E402
+from mmrec_jax import models  # noqa: E402
 from mmrec_jax.training import sharding as shard_lib  # noqa: E402
 from mmrec_jax.training import state as ts_lib  # noqa: E402
 from mmrec_jax.errors import ConfigError, UsageError  # noqa: E402
@@ -156,8 +161,9 @@ def plan(config, n_devices, device_kind, mfu, n_layers=0, log=print):
     opt_state = shard_bytes(full.abstract_state.opt_state)
     batch_b = a["batch"]
   else:
-    c = config.override({"model.scan_layers": False})   # unrolled: every layer is counted
-    log(f"compiling the train step ({L} layers) for {n_devices} devices ...")
+    c = config   # as it trains: a rolled layer loop compiles in a time independent of depth
+    log(f"compiling the train step ({L} layers"
+        f"{', rolled' if c.model.scan_layers else ''}) for {n_devices} devices ...")
     r = compile_step(c, devices)
     est = {"temp": r["temp"], "flops": r["flops"]}
     compile_s, code, params, opt_state, batch_b = (r["compile_s"], r["code"], r["params"],
@@ -175,6 +181,7 @@ def plan(config, n_devices, device_kind, mfu, n_layers=0, log=print):
       "model_flops": ts_lib.flops_per_token_train(full, t.seq_len) * tokens,  # whole step
       "tokens": tokens, "compile_s": compile_s, "extrapolated": bool(n_layers),
       "lower_bound": shrank, "remat": config.model.remat, "grad_accum": t.grad_accum,
+      "rolled": bool(config.model.scan_layers) and not n_layers,
       "rows_per_device": t.batch_size / t.grad_accum / (full.mesh.shape["data"]
                                                          * full.mesh.shape["fsdp"]),
   }
@@ -242,10 +249,14 @@ def report(p, config, log=print):
   verdict = "fits" if p["fits"] else "DOES NOT FIT"
   log(f"  {'total':<29}{p['total'] / GB:9.2f} GB of {p['hbm'] / GB:.0f} GB: {verdict} "
       f"(planning to {HEADROOM:.0%})")
-  ratio = p["compiled_flops"] / p["model_flops"] if p["model_flops"] else float("nan")
-  log(f"FLOPs per step: {p['model_flops']:.3e} from flops_per_token (3 x forward); the "
-      f"compiled step does {p['compiled_flops']:.3e} ({ratio:.2f}x: recomputation, "
-      "non-matmul ops, loops counted once)")
+  if p.get("rolled"):
+    log(f"FLOPs per step: {p['model_flops']:.3e} from flops_per_token (3 x forward; the "
+        "compiled rolled layer loop's cost analysis counts its body once)")
+  else:
+    ratio = p["compiled_flops"] / p["model_flops"] if p["model_flops"] else float("nan")
+    log(f"FLOPs per step: {p['model_flops']:.3e} from flops_per_token (3 x forward); the "
+        f"compiled step does {p['compiled_flops']:.3e} ({ratio:.2f}x: recomputation, "
+        "non-matmul ops, loops counted once)")
   log(f"at {p['mfu']:.0%} MFU: {p['step_s']:.2f} s per step, {p['tokens_per_s']:,.0f} tokens/s "
       f"({p['tokens_per_s'] / p['devices']:,.0f} per device); compiled in "
       f"{p['compile_s']:.0f} s")
@@ -261,7 +272,9 @@ def define_flags():
   config_flags.DEFINE_config_file("config", None, cli.config_help("mmrec_jax.plan",
                                                                   "configs/7b.py"),
                                   lock_config=False)
-  flags.DEFINE_integer("devices", None, "Number of devices to plan for.")
+  flags.DEFINE_string("devices", None, "Devices to plan for: one count, or several "
+                      "(e.g. 8,64,256: the same load per device, the batch grown with the "
+                      "count; the mesh needs an axis of -1).")
   flags.DEFINE_string("mesh", "", "data:N,fsdp:N,tensor:N[,dcn_data:N,dcn_fsdp:N] "
                       "(default: the config's mesh).")
   flags.DEFINE_integer("batch_size", 0, "Global batch size (default: the config's).")
@@ -269,14 +282,36 @@ def define_flags():
   flags.DEFINE_string("device_kind", "H100", f"One of {', '.join(DEVICES)}; several, "
                       "comma-separated, report each from one compile.")
   flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step time.")
-  flags.DEFINE_integer("n_layers", 0, "Compile K and K+1 layers and extrapolate (0: all).")
+  flags.DEFINE_integer("n_layers", -1, "Compile K and K+1 unrolled layers and extrapolate "
+                       "(0: the whole model as configured; -1: the whole model with a rolled "
+                       "layer loop, else 2 for models of over a billion parameters).")
   flags.mark_flags_as_required(["config", "devices"])
+
+
+def device_counts(text):
+  """'8,64,256' -> [8, 64, 256] (UsageError naming the flag otherwise)."""
+  if not re.fullmatch(r"\d+(,\d+)*", text or ""):
+    raise UsageError(f"--devices={text!r}: one device count or several, comma-separated "
+                     "(e.g. --devices=64 or --devices=8,64,256)")
+  counts = [int(v) for v in text.split(",")]
+  if min(counts) < 1:
+    raise UsageError(f"--devices={text}: every count must be >= 1")
+  return counts
+
+
+def auto_layers(config):
+  """Layers compiled before extrapolating: none with a rolled layer loop (it compiles in
+  a time independent of depth, and its memory is what a run uses); unrolled, 2 for a
+  model of over a billion parameters (a 7B model compiles in minutes that way)."""
+  if config.model.scan_layers:
+    return 0
+  n = models.count_params(models.param_shapes(models.build(config.model)))
+  return 2 if n > 1e9 and config.model.n_layers > 3 else 0
 
 
 def main(argv):
   del argv
-  if FLAGS.devices < 1:
-    raise UsageError(f"--devices={FLAGS.devices} must be >= 1")
+  counts = device_counts(FLAGS.devices)
   over = {f"mesh.{k}": v for k, v in parse_mesh(FLAGS.mesh).items()}
   if FLAGS.batch_size:
     over["train.batch_size"] = FLAGS.batch_size
@@ -284,23 +319,54 @@ def main(argv):
     over["train.seq_len"] = FLAGS.seq_len
   if not 0 < FLAGS.mfu <= 1:
     raise UsageError(f"--mfu={FLAGS.mfu} must be in (0, 1]")
-  c = config_lib.validate(FLAGS.config).override(over)
-  try:
-    shard_lib.mesh_shape(c.mesh, FLAGS.devices)
-  except ConfigError as e:   # name the flag this command takes for the mesh
-    raise ConfigError(str(e).replace("set --config.mesh.data=-1", "pass e.g. "
-                                     "--mesh=data:-1,fsdp:1,tensor:1 (-1: the rest)")) from None
-  if len(jax.devices()) < FLAGS.devices:
-    raise ConfigError(f"only {len(jax.devices())} host devices; run python -m mmrec_jax.plan")
+  base = config_lib.validate(FLAGS.config).override(over)
+  if len(counts) > 1 and -1 not in [getattr(base.mesh, a) for a in shard_lib.MESH_AXES]:
+    raise UsageError("several --devices need a mesh axis that takes the rest of the devices, "
+                     "e.g. --mesh=data:1,fsdp:-1,tensor:1")
   kinds = FLAGS.device_kind.split(",")
   for k in kinds:
     if k not in DEVICES:
       raise UsageError(f"--device_kind={k!r}: one of {', '.join(DEVICES)}")
-  p = plan(c, FLAGS.devices, kinds[0], FLAGS.mfu, FLAGS.n_layers)
-  for i, k in enumerate(kinds):
-    if i:
+  n_layers = auto_layers(base) if FLAGS.n_layers < 0 else FLAGS.n_layers
+  rows = []
+  for n in counts:
+    # the same load per device: the batch grows with the devices
+    c = base.override({"train.batch_size": base.train.batch_size * n // counts[0]})
+    try:
+      shard_lib.mesh_shape(c.mesh, n)
+    except ConfigError as e:   # name the flag this command takes for the mesh
+      raise ConfigError(str(e).replace("set --config.mesh.data=-1", "pass e.g. "
+                                       "--mesh=data:-1,fsdp:1,tensor:1 (-1: the rest)")) from None
+    if len(jax.devices()) < n:
+      raise ConfigError(f"only {len(jax.devices())} host devices; run python -m mmrec_jax.plan")
+    p = plan(c, n, kinds[0], FLAGS.mfu, n_layers)
+    for i, k in enumerate(kinds):
       print()
-    report(on_device(p, k), c)
+      report(on_device(p, k), c)
+    rows.append((n, c, p))
+  if len(rows) > 1:
+    scaling(rows)
+
+
+def scaling(rows, log=print):
+  """The per-device memory at each device count (the same load per device), and a
+  defect when it grows with the count."""
+  log("\nper-device memory at the same load per device:")
+  log(f"  {'devices':>8} {'mesh':<28} {'batch':>7} {'params+opt GB':>14} "
+      f"{'activations GB':>15} {'total GB':>9}")
+  for n, c, p in rows:
+    mesh = ",".join(f"{k}:{v}" for k, v in p["mesh"].items())
+    log(f"  {n:>8} {mesh:<28} {c.train.batch_size:>7} "
+        f"{(p['params'] + p['opt_state']) / GB:>14.2f} {p['activations'] / GB:>15.2f} "
+        f"{p['total'] / GB:>9.2f}")
+  first, last = rows[0][2]["activations"] + rows[0][2]["batch"], rows[-1][2]["activations"] + rows[-1][2]["batch"]
+  if last > 1.1 * first:
+    log(f"DEFECT: activations and temporaries per device grow with the device count at the "
+        f"same load per device ({first / GB:.2f} GB at {rows[0][0]} devices, {last / GB:.2f} "
+        f"GB at {rows[-1][0]}): some activation is not sharded over the batch")
+  else:
+    log(f"activations and temporaries per device are flat in the device count "
+        f"({first / GB:.2f} GB at {rows[0][0]} devices, {last / GB:.2f} GB at {rows[-1][0]})")
 
 
 def entry():

@@ -21,7 +21,8 @@ def main(argv):
   F = flags.FLAGS
   config = config_lib.validate(F.config)
   grow_workdir(F.from_workdir, config, F.workdir, noise=F.noise, allow_inexact=F.allow_inexact,
-               checkpoint=F.checkpoint, seed=F.seed)
+               checkpoint=F.checkpoint, seed=F.seed, optimizer=F.optimizer,
+               schedule=F.schedule, rewind=F.rewind, depth=F.depth)
   print(f"ready: python -m mmrec_jax.train --config={config_flags.get_config_filename(F['config'])} "
         f"--workdir={F.workdir}")
 
@@ -38,6 +39,14 @@ def entry():
                     "the measured logit difference.")
   flags.DEFINE_string("checkpoint", "best", "Checkpoint of --from_workdir: best, latest or a step.")
   flags.DEFINE_integer("seed", 0, "Seed of the noise (and of any fresh part).")
+  flags.DEFINE_enum("optimizer", "fresh", ["carry", "fresh"], "carry: the small run's AdamW "
+                    "moments and step counts grown with the parameters; fresh: a new optimizer.")
+  flags.DEFINE_enum("schedule", "restart", ["continue", "restart"], "continue: the grown run "
+                    "starts at the small run's step (minus --rewind) of its config's schedule "
+                    "(give it the whole ladder's train.steps); restart: at step 0.")
+  flags.DEFINE_integer("rewind", 0, "With --schedule=continue: start this many steps earlier.")
+  flags.DEFINE_enum("depth", "identity", ["identity", "stack"], "New layers: identity blocks "
+                    "(exact) or the trained stack repeated (not function-preserving).")
   for f in ("config", "from_workdir", "workdir"):
     flags.mark_flag_as_required(f)
   cli.run(main)

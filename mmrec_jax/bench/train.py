@@ -47,6 +47,10 @@ def main(argv):
   print(f"device: {n_dev} x {dev.device_kind} ({dev.platform}), model {c.model.name}, "
         f"batch {FLAGS.batch} x {FLAGS.seq_len}, loss {float(m['loss']):.4f}")
   print(f"compile: {compile_s:.2f}s")
+  mem = compiled.memory_analysis()
+  print(f"saved activations: {mem.temp_size_in_bytes / (FLAGS.batch * FLAGS.seq_len):,.0f} "
+        f"bytes/token ({mem.temp_size_in_bytes / 1e9:.3f} GB of temporaries in the compiled "
+        f"step, model.remat={c.model.remat}; memory_analysis)")
   print(f"step: median {step_s * 1e3:.1f} ms over {FLAGS.steps} steps "
         f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})")
   print(f"throughput: {tokens_s:,.0f} tokens/s, {flops_tok / 1e6:.2f} MFLOP/token (train)")

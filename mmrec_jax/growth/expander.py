@@ -62,10 +62,18 @@ def tile_map(n, N):
   return np.arange(N) % n
 
 
-def depth_map(L, Ln):
-  """(source layer, is_new) of every new layer: new layers right after their source."""
+DEPTHS = ("identity", "stack")
+
+
+def depth_map(L, Ln, depth="identity"):
+  """(source layer, is_new) of every new layer. `identity`: new layers right after their
+  source, marked new (their residual writes are zeroed: an exact identity);
+  `stack`: the trained stack repeated (layer i of the big model copies layer i mod L,
+  every copy active, as the stacking methods grow depth; not function-preserving)."""
   if Ln < L:  # inexact: evenly spaced subset
     return [(int(i), False) for i in np.linspace(0, L - 1, Ln).round().astype(int)]
+  if depth == "stack":
+    return [(i % L, False) for i in range(Ln)]
   out = []
   for i in range(L):
     n = (i + 1) * Ln // L - i * Ln // L
@@ -137,17 +145,24 @@ def _vocab_matrix(V, Vn, vocab_pieces):
   return A
 
 
-def _grow_leaf(x, names, path, small, big, maps, key, noise):
-  """One parameter: depth, vocab, width, then the input-axis split and its noise."""
+MODES = ("params", "mu", "nu")
+
+
+def _grow_leaf(x, names, path, small, big, maps, key, noise, mode="params"):
+  """One parameter (or, with `mode` mu / nu, its Adam moment): depth, vocab, width, then
+  the input-axis split and its noise. Moments follow the parameter's maps: copies
+  share them; a split input axis divides the first moment like the parameter and the
+  second by the square; inserted blocks and new vocabulary rows start at zero."""
   x = x.astype(jnp.float32)
   dims = list(names)
+  power = 2 if mode == "nu" else 1
   # depth
   if "layers" in dims:
     ax = dims.index("layers")
     src = np.array([s for s, _ in maps["layers"]])
     x = jnp.take(x, src, axis=ax)
     writers = rules(big).residual_writers(big) if rules(big) else ()
-    if any(path.endswith("/" + w) or path == w for w in writers):
+    if mode != "params" or any(path.endswith("/" + w) or path == w for w in writers):
       keep = np.array([0.0 if new else 1.0 for _, new in maps["layers"]], np.float32)
       x = x * keep.reshape([-1 if i == ax else 1 for i in range(x.ndim)])
   # vocab
@@ -157,7 +172,7 @@ def _grow_leaf(x, names, path, small, big, maps, key, noise):
     if Vn <= x.shape[ax]:
       x = jnp.take(x, np.arange(Vn), axis=ax)
     else:
-      A = jnp.asarray(maps["vocab"])
+      A = jnp.asarray(maps["vocab"]) * (mode == "params")   # new rows' moments: zero
       new = jnp.moveaxis(jnp.tensordot(A, jnp.moveaxis(x, ax, 0), axes=1), 0, ax)
       x = jnp.concatenate([x, new], axis=ax)
   # width
@@ -183,7 +198,9 @@ def _grow_leaf(x, names, path, small, big, maps, key, noise):
     src, n = srcs[ax]
     count = np.bincount(src, minlength=n)[src].astype(np.float32)
     shape = [-1 if i == ax else 1 for i in range(x.ndim)]
-    x = x / count.reshape(shape)
+    x = x / count.reshape(shape) ** power
+    if mode != "params":
+      return x
     # noise with zero sum over the copies of each input unit (exact: the copies' inputs
     # are equal); in an inserted block it also lands on the zeroed residual writers
     z = jax.random.normal(jax.random.fold_in(key, zlib.crc32(path.encode())), x.shape)
@@ -195,15 +212,16 @@ def _grow_leaf(x, names, path, small, big, maps, key, noise):
   return x
 
 
-def _grow_tree(small_params, small, big, key, noise, vocab_pieces):
+def _grow_tree(small_params, small, big, key, noise, vocab_pieces, mode="params",
+               depth="identity"):
   big_model = models.build(big)
   boxed = jax.eval_shape(lambda k: models.init_params(big_model, k), key)
   leaves = traverse_util.flatten_dict(boxed, sep="/")
   p = nn.unbox(small_params)
   g = rules(big) or models.GrowthRules()
-  p = g.prepare(p, small, big, jax.random.fold_in(key, 1))
+  p = g.prepare(p, small, big, jax.random.fold_in(key, 1), moments=mode != "params")
   small_flat = traverse_util.flatten_dict(p, sep="/")
-  maps = {"layers": depth_map(small.n_layers, big.n_layers),
+  maps = {"layers": depth_map(small.n_layers, big.n_layers, depth),
           "width": width_map(small.d_model, big.d_model, small.n_heads, big.n_heads),
           "vocab": _vocab_matrix(small.vocab_size, big.vocab_size, vocab_pieces),
           "target_shape": {k: v.value.shape for k, v in leaves.items()}}
@@ -217,13 +235,14 @@ def _grow_tree(small_params, small, big, key, noise, vocab_pieces):
   for path, leaf in leaves.items():
     want = leaf.value
     if path in missing:   # a part the small model lacks (e.g. UBOO switched on): fresh
-      out[path] = fresh[path].astype(want.dtype)
+      out[path] = (fresh[path] if mode == "params" else jnp.zeros(want.shape)).astype(want.dtype)
       continue
-    x = _grow_leaf(small_flat[path], leaf.names, path, small, big, maps, wkey, noise)
-    if path == g.tied_head_norm and big.d_model != small.d_model:
-      count = np.bincount(maps["width"], minlength=small.d_model)[maps["width"]]
-      x = x / count.astype(np.float32)
-    x = g.adjust(path, x, small, big, r)
+    x = _grow_leaf(small_flat[path], leaf.names, path, small, big, maps, wkey, noise, mode)
+    for _ in range(2 if mode == "nu" else 1):   # scalings of a moment: squared for nu
+      if path == g.tied_head_norm and big.d_model != small.d_model:
+        count = np.bincount(maps["width"], minlength=small.d_model)[maps["width"]]
+        x = x / count.astype(np.float32)
+      x = g.adjust(path, x, small, big, r)
     if x.shape != want.shape:
       raise ConfigError(f"growing {path}: got shape {x.shape}, the big model has "
                         f"{want.shape}: no growth rule for this change; align the configs")
@@ -232,28 +251,33 @@ def _grow_tree(small_params, small, big, key, noise, vocab_pieces):
 
 
 def grow_params(small_params, small_cfg, big_cfg, key, noise=0.0, mesh=None,
-                vocab_pieces=None, allow_inexact=False):
+                vocab_pieces=None, allow_inexact=False, depth="identity", mode="params"):
   """Parameters of `big_cfg` computing the same function as `small_params` of `small_cfg`.
 
   `noise`: scale (relative to each kernel's std) of noise that sums to zero over
   the copies of each input unit. `vocab_pieces`: for every new token (in id
   order) the old ids of its pieces; its row is their mean (default: the mean of
   all old rows). `mesh`: shard the output like the big model's parameters.
+  `depth`: `identity` (new blocks are exact identities) or `stack` (the trained stack
+  repeated: not function-preserving). `mode`: `mu` / `nu` grow an Adam moment tree of
+  the parameters instead (`growth.optimizer`).
   Returns unboxed parameters (float arrays with the big init's dtypes).
   """
   small, big = models.make_config(small_cfg), models.make_config(big_cfg)
+  if depth not in DEPTHS or mode not in MODES:
+    raise ConfigError(f"depth={depth!r} / mode={mode!r}: use depth in {DEPTHS}, mode in {MODES}")
   check_growable(small, big, allow_inexact)
   pieces = None if vocab_pieces is None else tuple(tuple(int(i) for i in p)
                                                    for p in vocab_pieces)
   if mesh is not None:   # the small params, replicated onto the mesh
     small_params = jax.device_put(small_params, shard_lib.replicated(mesh))
-  return _grow_jit(small, big, pieces, mesh)(small_params, key, jnp.float32(noise))
+  return _grow_jit(small, big, pieces, mesh, mode, depth)(small_params, key, jnp.float32(noise))
 
 
 @functools.lru_cache(maxsize=16)
-def _grow_jit(small, big, pieces, mesh):
+def _grow_jit(small, big, pieces, mesh, mode="params", depth="identity"):
   """The jitted expander of one (small, big) pair (noise is an argument: one compile)."""
-  fn = lambda p, k, noise: _grow_tree(p, small, big, k, noise, pieces)
+  fn = lambda p, k, noise: _grow_tree(p, small, big, k, noise, pieces, mode, depth)
   if mesh is None:
     return jax.jit(fn)
   boxed = jax.eval_shape(lambda k: models.init_params(models.build(big), k), jax.random.key(0))

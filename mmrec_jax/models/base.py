@@ -132,10 +132,11 @@ class GrowthRules:
     del cfg
     return ()
 
-  def prepare(self, params, small, big, key):
+  def prepare(self, params, small, big, key, moments=False):
     """The small model's parameters rearranged before growing (e.g. an FFN upcycled
-    into experts); default: as they are."""
-    del small, big, key
+    into experts); default: as they are. `moments`: `params` is an Adam moment tree
+    (a part created here starts at zero)."""
+    del small, big, key, moments
     return params
 
   def adjust(self, path, x, small, big, head_ratio):

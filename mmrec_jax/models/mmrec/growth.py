@@ -74,11 +74,13 @@ class MMRecGrowth(base.GrowthRules):
     writers = ("mix_out/kernel", "ffn/down/kernel", "ffn/down/bias", "moe/w_down", "moe/b_down")
     return writers + (("memory/out/kernel",) if cfg.mem_residual else ())
 
-  def prepare(self, params, small, big, key):
+  def prepare(self, params, small, big, key, moments=False):
     if big.use_moe and not small.use_moe:
       from mmrec_jax import models  # pylint: disable=import-outside-toplevel (the registry)
       moe_small = models.build(small.replace(use_moe=True, moe_experts=big.moe_experts))
       router = nn.unbox(models.init_params(moe_small, key))["blocks"]["moe"]["router"]
+      if moments:
+        router = jax.tree.map(jnp.zeros_like, router)
       params = moe.upcycle_ffn(params, router, big.moe_experts)
     return params
 

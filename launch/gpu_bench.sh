@@ -45,8 +45,8 @@ for remat in dots full; do   # the step is bound by saved activations (README): 
 done
 step mmrec_jax.bench.train --config=configs/base.py --config.model.dtype=bfloat16 \
   --batch=16 --seq_len=2048 --steps=10 --peak_reps=21
-step mmrec_jax.bench.scan --sizes=base --min_len=1024 --max_len=32768 --factor=2
-step mmrec_jax.bench.scan --sizes=base --min_len=1024 --max_len=32768 --factor=2 --grad
+step mmrec_jax.bench.scan --sizes=base --min_len=1024 --max_len=32768 --factor=2 --impls=sequential,associative,chunked,pallas
+step mmrec_jax.bench.scan --sizes=base --min_len=1024 --max_len=32768 --factor=2 --grad --impls=sequential,associative,chunked,pallas
 XLA_FLAGS=--xla_gpu_enable_command_buffer= step mmrec_jax.bench.profile --config=configs/small.py --config.model.dtype=bfloat16 \
   --batch=32 --seq_len=2048 --steps=3
 step mmrec_jax.bench.decode --configs=base --contexts=1024 --peak_reps=21

@@ -40,7 +40,7 @@ def read_prompts(prompts, prompt_file=None, stdin=None):
   for i, p in enumerate(prompts or ()):
     if p == "-":
       raw = getattr(stdin or sys.stdin, "buffer", None)
-      text = (raw.read().decode("utf-8", "replace") if raw is not None
+      text = (raw.read().decode("utf-8", "surrogateescape") if raw is not None
               else (stdin or sys.stdin).read())
       out.append(as_text(text, "standard input"))
     else:

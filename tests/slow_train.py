@@ -6,7 +6,7 @@ import time
 import jax
 
 from mmrec_jax import train
-from mmrec_jax import train_state
+from mmrec_jax.training import state as train_state
 
 
 def main():

@@ -1,7 +1,15 @@
 """The README's code runs as written."""
+import contextlib
+import io
 import re
 
 import jax.numpy as jnp
+
+
+def _python_block_with(text):
+  """The README's first Python block containing `text`."""
+  blocks = re.findall(r"```python\n(.*?)```", open("README.md").read(), re.S)
+  return next(b for b in blocks if text in b)
 
 
 def _python_block_after(heading):
@@ -16,3 +24,15 @@ def test_research_code_example_runs_as_written():
   assert ns["logits"].shape == (2, 1, 5000)
   assert bool(jnp.isfinite(ns["logits"]).all())
   assert ns["state"].h.shape == (4, 2, 128)
+
+
+def test_load_example_runs_as_written(run_dir, loaded):
+  """The example of `load` ("runs/tiny" replaced by the fixture's workdir)."""
+  example = _python_block_with("from mmrec_jax import load")
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    exec(example.replace("runs/tiny", run_dir), {})  # pylint: disable=exec-used
+  model, variables, tok, _, dec = loaded
+  ids = dec.generate(variables, [tok.encode("def main(").ids], 8, temperature=0)[0]
+  assert len(ids) == 8  # (no <|eod|> in the first 8 greedy tokens of this model)
+  assert out.getvalue() == "".join(tok.decode([i]) for i in ids)

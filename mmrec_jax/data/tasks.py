@@ -31,11 +31,17 @@ A batch is a dict of numpy arrays:
 Train on `mask` (loss = sum(nll * mask) / sum(mask)); score with `score`.
 
 Tasks:
-- `mqar`: EOD, N key-value pairs, then queries (every key once, shuffled, or
-  a random subset), each query key followed by its value (the answer). Keys are
-  distinct, values distinct, both drawn fresh for every row. Queries are packed
-  right after the pairs or (default) placed at random positions of the rest of
-  the sequence, filler in between (as in Zoology's MQAR).
+- `mqar`: EOD, N key-value pairs, then Q queries (Q = N by default), each a key
+  followed by its value (the answer). Keys are distinct, values distinct, both
+  drawn fresh for every row. Which keys are asked (`query_keys`): "uniform"
+  (default), each query a key drawn uniformly with replacement; "distinct", Q
+  distinct keys in random order (Q = N: every key once, shuffled). With
+  "distinct" and Q = N a model that only knows which values the row holds
+  scores 1/N, 1/(N-1), ..., 1 on the successive queries by elimination (0.52
+  for N = 4; a 2-layer Transformer learns exactly that first); "uniform" leaves
+  no such shortcut (1/N). Queries are packed right after the pairs or (default)
+  placed at random positions of the rest of the sequence, filler in between
+  (as in Zoology's MQAR).
 - `mqar_mix`: rows of several (T, N) difficulties in one batch, PAD-padded to
   the longest T.
 - `spread_mqar`: pairs spaced by filler, at most one pair per memory chunk of
@@ -47,7 +53,9 @@ Tasks:
   (each of its tokens an answer).
 
 Chance: `chance(vocab)` is 1/V (guessing a value); `chance_pairs(n)` is 1/N
-(knowing which values are in the row but not which key each belongs to).
+(knowing which values are in the row but not which key each belongs to);
+`chance_elimination(n)` is what that knowledge plus elimination of the values
+already answered scores when every key is asked once ("distinct", Q = N).
 """
 from __future__ import annotations
 
@@ -127,6 +135,12 @@ def chance_pairs(n_pairs: int) -> float:
   return 1.0 / n_pairs
 
 
+def chance_elimination(n_pairs: int) -> float:
+  """Mean of 1/N, 1/(N-1), ..., 1: knowing the row's values and never repeating an
+  answer, when every key is asked exactly once (0.52 for N = 4)."""
+  return float(np.mean(1.0 / np.arange(1, n_pairs + 1)))
+
+
 # ------------------------------------------------------------------ assembling
 
 
@@ -175,18 +189,28 @@ def _bindings(rng, vocab, n):
   return keys, values
 
 
-def _query_order(rng, n_pairs, n_queries):
+QUERY_KEYS = ("uniform", "distinct")
+
+
+def _query_order(rng, n_pairs, n_queries, query_keys):
+  """Which pair each query asks for."""
   q = n_pairs if n_queries is None else n_queries
+  if query_keys == "uniform":
+    if q < 1:
+      raise ValueError(f"n_queries={n_queries} must be >= 1")
+    return rng.integers(0, n_pairs, size=q)
+  if query_keys != "distinct":
+    raise ValueError(f"query_keys={query_keys!r}: use one of {', '.join(QUERY_KEYS)}")
   if not 1 <= q <= n_pairs:
     raise ValueError(f"n_queries={n_queries} must be in [1, n_pairs={n_pairs}]")
   return rng.permutation(n_pairs)[:q]
 
 
-def _mqar_row(rows, b, seq_len, n_pairs, n_queries, queries, marker):
+def _mqar_row(rows, b, seq_len, n_pairs, n_queries, queries, marker, query_keys):
   """One MQAR row of content length seq_len + 1 (its last token a target only)."""
   rng, vocab = rows.rng, rows.vocab
   keys, values = _bindings(rng, vocab, n_pairs)
-  order = _query_order(rng, n_pairs, n_queries)
+  order = _query_order(rng, n_pairs, n_queries, query_keys)
   s = rows.seq[b]
   s[0] = vocab.eod
   s[1:1 + 2 * n_pairs:2], s[2:2 + 2 * n_pairs:2] = keys, values
@@ -221,22 +245,25 @@ def _mqar_row(rows, b, seq_len, n_pairs, n_queries, queries, marker):
 
 def mqar(rng: np.random.Generator, batch: int, seq_len: int = 64, n_pairs: int = 4,
          vocab: Vocab = DEFAULT_VOCAB, n_queries: int | None = None, queries: str = "random",
-         marker: bool = False) -> dict:
-  """Multi-query associative recall: EOD k1 v1 ... kN vN, then queries k v (the
-  value the answer), `n_queries` of the keys (None: all, shuffled), placed at
-  random positions of the rest (`queries="random"`, filler between) or right
-  after the pairs (`"packed"`, filler after). `marker`: a QUERY token between
-  the pairs and the queries. Returns the batch dict (module docstring)."""
+         marker: bool = False, query_keys: str = "uniform") -> dict:
+  """Multi-query associative recall: EOD k1 v1 ... kN vN, then `n_queries`
+  queries k v (None: N; the value the answer), their keys drawn uniformly with
+  replacement (`query_keys="uniform"`) or distinct (`"distinct"`: a random subset,
+  all keys shuffled when n_queries is N), placed at random positions of the rest
+  (`queries="random"`, filler between) or right after the pairs (`"packed"`,
+  filler after). `marker`: a QUERY token between the pairs and the queries.
+  Returns the batch dict (module docstring)."""
   rows = _Rows(batch, seq_len, vocab, rng)
   for b in range(batch):
-    _mqar_row(rows, b, seq_len, n_pairs, n_queries, queries, marker)
+    _mqar_row(rows, b, seq_len, n_pairs, n_queries, queries, marker, query_keys)
   return rows.finish()
 
 
 def mqar_mix(rng: np.random.Generator, batch: int,
              mix: Sequence[tuple[int, int]] = ((64, 4), (128, 8), (256, 16)),
              vocab: Vocab = DEFAULT_VOCAB, n_queries: int | None = None,
-             queries: str = "random", marker: bool = False, weights=None) -> dict:
+             queries: str = "random", marker: bool = False, weights=None,
+             query_keys: str = "uniform") -> dict:
   """MQAR rows of mixed difficulty: each row draws one (T, N) of `mix` (uniformly,
   or by `weights`) and is PAD-padded to the longest T of `mix` (mask 0 there).
   `n_pairs` and `length` say which difficulty each row has."""
@@ -246,12 +273,13 @@ def mqar_mix(rng: np.random.Generator, batch: int,
   which = rng.choice(len(mix), size=batch, p=weights)
   for b in range(batch):
     t, n = mix[which[b]]
-    _mqar_row(rows, b, t, n, n_queries, queries, marker)
+    _mqar_row(rows, b, t, n, n_queries, queries, marker, query_keys)
   return rows.finish()
 
 
 def spread_mqar(rng: np.random.Generator, batch: int, seq_len: int, n_pairs: int,
-                chunk: int, vocab: Vocab = DEFAULT_VOCAB, n_queries: int | None = None) -> dict:
+                chunk: int, vocab: Vocab = DEFAULT_VOCAB, n_queries: int | None = None,
+                query_keys: str = "uniform") -> dict:
   """MQAR for a memory of chunk summaries. The input positions are cut into chunks
   of `chunk` tokens from the document start (position 0). Each pair (key, value)
   lies inside one chunk, at a random offset, and no chunk holds two pairs: the
@@ -277,7 +305,7 @@ def spread_mqar(rng: np.random.Generator, batch: int, seq_len: int, n_pairs: int
   rows = _Rows(batch, seq_len, vocab, rng)
   for b in range(batch):
     keys, values = _bindings(rng, vocab, n_pairs)
-    order = _query_order(rng, n_pairs, n_queries)
+    order = _query_order(rng, n_pairs, n_queries, query_keys)
     s = rows.seq[b]
     s[:] = rows.filler(seq_len + 1)
     s[0] = vocab.eod

@@ -1,0 +1,65 @@
+"""The ladder (`growth/ladder.py`): a run grown into a ready-to-train workdir, trained,
+and a ladder of stages that skips finished ones and resumes."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from mmrec_jax import config as config_lib
+from mmrec_jax.data import tokenizer as tokenizer_lib
+from mmrec_jax.growth import ladder
+from mmrec_jax.growth import workdir as grow_workdir_lib
+from mmrec_jax.io import checkpoint as ckpt_lib
+from mmrec_jax.training import loop
+from tests.support import TINY, write_corpus
+
+TOL = 1e-4
+
+RUN = {
+    "model.d_model": 16, "model.n_layers": 2, "model.n_heads": 2, "model.chunk_size": 8,
+    "model.mem_slots": 2, "model.mem_levels": 2, "model.scan_layers": False,
+    "train.seq_len": 16, "train.batch_size": 2, "train.steps": 2, "train.warmup_steps": 1,
+    "train.eval_every": 2, "train.eval_batches": 1, "train.log_every": 1, "train.samples": 0,
+    "checkpoint.every": 2, "data.val_fraction": 0.1, "mesh.data": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  return write_corpus(tmp_path_factory.mktemp("grow_corpus"), docs=16, lines=30)
+
+
+def run_config(corpus, vocab, **kw):
+  return config_lib.load(TINY, {**RUN, "model.vocab_size": vocab, "data.path": corpus, **kw})
+
+
+@pytest.mark.slow
+def test_grow_then_train_and_the_ladder_resumes(corpus, tmp_path):
+  devices = jax.devices()[:1]
+  small = run_config(corpus, 270)
+  loop.run(small, str(tmp_path / "tiny"), devices=devices, quiet=True)
+  big = run_config(corpus, 290, **{"model.d_model": 32, "model.n_layers": 3})
+  diff = grow_workdir_lib.grow_workdir(str(tmp_path / "tiny"), big, str(tmp_path / "mini"), noise=0.05,
+                           log=lambda *a: None, devices=devices)
+  assert diff < TOL
+  tok = tokenizer_lib.load_tokenizer(str(tmp_path / "mini" / "tokenizer.json"))
+  old = tokenizer_lib.load_tokenizer(str(tmp_path / "tiny" / "tokenizer.json"))
+  grow_workdir_lib.check_extends(old, tok, "grown")
+  with pytest.raises(Exception, match="is not empty"):
+    grow_workdir_lib.grow_workdir(str(tmp_path / "tiny"), big, str(tmp_path / "mini"))
+  # the ladder: a finished stage is skipped, a grown-but-untrained stage is trained
+  # (the grown stage is trained once, here: one compile of the bigger model)
+  stages = [small, big]
+  dirs = [str(tmp_path / "tiny"), str(tmp_path / "mini")]
+  out = ladder.run_ladder(stages, dirs, noise=0.05, log=lambda *a: None, devices=devices,
+                               quiet=True)
+  assert [o["skipped"] for o in out] == [True, False]
+  assert out[1]["step"] == 2 and out[1]["reason"] == "done"
+  with open(tmp_path / "mini" / "metrics.jsonl") as f:
+    losses = [r["loss"] for r in map(json.loads, f) if r.get("split") == "train" and "loss" in r]
+  assert losses and all(np.isfinite(losses))
+  assert ckpt_lib.restore_params(dirs[1], "latest")[1] == 2
+  out = ladder.run_ladder(stages, dirs, noise=0.05, log=lambda *a: None, devices=devices,
+                               quiet=True)
+  assert [o["skipped"] for o in out] == [True, True]

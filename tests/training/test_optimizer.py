@@ -1,0 +1,70 @@
+"""The optimizer (`training/optimizer.py`): per-module learning-rate factors and the
+weight-decay mask."""
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from mmrec_jax.config.sections import TrainConfig
+from mmrec_jax.errors import ConfigError
+from mmrec_jax.training import optimizer as opt_lib
+
+
+def test_lr_scales_scale_a_modules_steps_and_keep_the_optimizer_state():
+  t = TrainConfig(lr=1e-2, warmup_steps=0, steps=10, min_lr_ratio=1.0, b1=0.9, b2=0.95,
+                  weight_decay=0.1, grad_clip=1.0)
+  params = {"embed": np.ones((4, 3), np.float32),
+            "blocks": {"memory": {"out": {"kernel": np.full((3, 3), 2.0, np.float32)}},
+                       "ffn": {"kernel": np.full((3, 3), -1.0, np.float32)}}}
+  grads = jax.tree.map(lambda p: np.linspace(-1, 1, p.size, dtype=np.float32).reshape(p.shape),
+                       params)
+  mask = opt_lib.decay_mask(params)
+
+  def step(spec):
+    tx = opt_lib.make(t, mask, opt_lib.lr_scale_tree(params, spec))
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params)
+    return updates, state
+
+  plain, state_plain = step("")
+  half, state_half = step("memory=0.5")
+  frozen, _ = step("memory=0,embed=2")
+  np.testing.assert_allclose(half["blocks"]["memory"]["out"]["kernel"],
+                             0.5 * plain["blocks"]["memory"]["out"]["kernel"], rtol=1e-6)
+  np.testing.assert_array_equal(half["blocks"]["ffn"]["kernel"], plain["blocks"]["ffn"]["kernel"])
+  assert not np.asarray(frozen["blocks"]["memory"]["out"]["kernel"]).any()
+  np.testing.assert_allclose(frozen["embed"], 2 * plain["embed"], rtol=1e-6)
+  # the optimizer state is the same structure and values: a run resumes with or without
+  assert (jax.tree_util.tree_structure(state_half)
+          == jax.tree_util.tree_structure(state_plain))
+  for a, b in zip(jax.tree.leaves(state_half), jax.tree.leaves(state_plain)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ConfigError, match="no parameter's path contains"):
+    opt_lib.lr_scale_tree(params, "memroy=0.1")
+  # the model's own factors (MM-Rec: `model.mem_lr_scale`, tests/models/mmrec) apply
+  # unless train.lr_scales names the same module; all factors 1 is no scaling at all
+  tree = opt_lib.lr_scale_tree(params, "", {"memory": 0.5})
+  assert tree["blocks"]["memory"]["out"]["kernel"] == 0.5 and tree["embed"] == 1.0
+  assert opt_lib.lr_scale_tree(params, "memory=0.25", {"memory": 0.5})[
+      "blocks"]["memory"]["out"]["kernel"] == 0.25
+  assert opt_lib.lr_scale_tree(params, "memory=1", {"memory": 0.5}) is None
+  assert opt_lib.lr_scale_tree(params, "", {"memory": 1.0}) is None
+  for bad in ("memory", "memory=x", "memory=-1", "=0.5"):
+    with pytest.raises(ConfigError, match="NAME=FACTOR"):
+      opt_lib.parse_lr_scales(bad)
+
+
+def test_decay_mask():
+  box = lambda shape, names: nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, np.float32),
+                                                     names)
+  tree = {"embed": box((300, 32), ("vocab", "embed")),
+          "blocks": {"norm": {"scale": box((2, 32), ("layers", "embed"))},
+                     "mlp": {"kernel": box((2, 32, 128), ("layers", "embed", "mlp")),
+                             "bias": box((2, 128), ("layers", "mlp"))},
+                     "gate_decay": {"w": box((2, 32, 32), ("layers", "embed", "kv"))},
+                     "lam": box((2, 32), ("layers", "embed")),
+                     "mem": {"kernel": box((2, 30, 30), ("layers", "kv", "kv_out"))}}}
+  mask = opt_lib.decay_mask(tree)
+  assert mask["embed"] and mask["blocks"]["mlp"]["kernel"]
+  assert not mask["blocks"]["norm"]["scale"] and not mask["blocks"]["mlp"]["bias"]
+  assert not mask["blocks"]["gate_decay"]["w"] and not mask["blocks"]["lam"]

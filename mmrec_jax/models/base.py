@@ -49,10 +49,10 @@ class BaseConfig(schema.Section):
   # The dense layers' and the head's matmuls: "" computes them in `dtype`; a dtype
   # name takes their inputs in it and accumulates and returns in `dtype` (with
   # "bfloat16" on a float32 model, forward and gradient matmuls run in bfloat16
-  # with float32 accumulation: 2.5-3.5x faster on CPUs with AMX, see README).
+  # with float32 accumulation: 2.5-3.5x faster on CPUs with AMX, see docs/experiments/speed.md).
   matmul_dtype: str = ""
   scan_layers: bool = True       # rolled layer loop (compile time independent of depth)
-  remat: str = "none"            # none | full | dots | dots_no_batch
+  remat: str = "none"            # none | full | dots | dots_no_batch | projections
 
   def validate(self):
     """Raises ConfigError (one line naming the field and the fix)."""

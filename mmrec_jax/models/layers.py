@@ -13,15 +13,30 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# What a block's backward pass keeps (`model.remat`): everything (`none`), its input
+# only (`full`), every matmul output (`dots`, `dots_no_batch`), or `projections`: the
+# tensors a block names with `saved(...)` (SAVED: the fused input projection, the
+# recurrence's output, the memory's read, the mixer's and the FFN's outputs; the
+# Transformer's qkv and attention output), recomputing the gates, norms, the FFN's
+# hidden layer and the memory's pooling from them.
+SAVED = ("fused", "recurrence", "memory_read", "mix_out", "ffn_out")
 REMAT_POLICIES = {
     "none": None,
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "projections": jax.checkpoint_policies.save_only_these_names(*SAVED),
 }
+
+
+def saved(x, name):
+  """`x` tagged as one of SAVED: kept for the backward pass by `remat=projections`."""
+  assert name in SAVED, name
+  return checkpoint_name(x, name)
 
 
 BTD = ("activation_batch", "activation_length", "activation_embed")

@@ -86,6 +86,7 @@ class Block(nn.Module):
         (3, D), use_bias=False, dtype=dt, param_dtype=cfg.params_dtype,
         kernel_init=logical(layers.scaled(), "embed", None, "fused"), dot_general=cfg.dot_general,
         name="qkv")(xn_BTD)
+    qkv_BT3D = layers.saved(qkv_BT3D, "fused")
     q_BTHd, k_BTHd, v_BTHd = (layers.constrain(qkv_BT3D[..., j, :].reshape(B, T, H, hd), "activation_batch", "activation_length", "activation_heads", None)
                               for j in range(3))
     q_BTHd = rope(q_BTHd, pos_BT, cfg.rope_base)
@@ -108,10 +109,11 @@ class Block(nn.Module):
     y_BTHd = jnp.einsum("bhts,bshd->bthd", p_BHTS, vals_BSHd)
     y_BTD = dense(D, ("kv", "embed"), cfg, "attn_out", init_scale=out_scale)(
         y_BTHd.reshape(B, T, D))
+    y_BTD = layers.saved(y_BTD, "mix_out")
     x_BTD = x_BTD + nn.Dropout(cfg.dropout)(y_BTD, deterministic=self.deterministic)
 
-    f_BTD = MLP(cfg.ffn_mult * D, D, cfg, name="ffn", out_init_scale=out_scale)(
-        rms_norm(cfg, "norm_ffn")(x_BTD))
+    f_BTD = layers.saved(MLP(cfg.ffn_mult * D, D, cfg, name="ffn", out_init_scale=out_scale)(
+        rms_norm(cfg, "norm_ffn")(x_BTD)), "ffn_out")
     x_BTD = layers.constrain(x_BTD + nn.Dropout(cfg.dropout)(f_BTD, deterministic=self.deterministic),
                              *layers.BTD)
 

@@ -78,6 +78,7 @@ class Block(nn.Module):
         (n, D), use_bias=False, dtype=dt, param_dtype=cfg.params_dtype,
         kernel_init=logical(layers.scaled(), "embed", None, "fused"), dot_general=cfg.dot_general,
         name="fused")(xn_BTD)
+    fused_BTnD = layers.saved(fused_BTnD, "fused")
     # One split (its gradient is one concatenation, not n padded copies summed).
     parts = [layers.constrain(p[..., 0, :], *KV)
              for p in jax.lax.split(fused_BTnD, [1] * n, axis=-2)]
@@ -100,17 +101,19 @@ class Block(nn.Module):
       b_BTD = -jnp.expm1(log_a) * jax.nn.sigmoid(i_BTD.astype(f32)) * z_BTD.astype(f32)
       h_BTD = linear_scan(layers.constrain(a_BTD, *KV), layers.constrain(b_BTD, *KV), state.h,
                           reset_BT, impl=cfg.scan_impl, chunk=cfg.scan_chunk)
-    h_BTD = layers.constrain(h_BTD, *KV)
+    h_BTD = layers.saved(layers.constrain(h_BTD, *KV), "recurrence")
 
     if cfg.mem_levels:
       mem_BTD, (memory, pos, csum, cw) = HDSMemory(cfg, name="memory")(
           h_BTD, parts[0], reset_BT, state)
+      mem_BTD = layers.saved(mem_BTD, "memory_read")
       gated_BTD = h_BTD.astype(dt) if cfg.mem_residual else h_BTD.astype(dt) + mem_BTD
     else:  # no long-term memory: nothing written, nothing read, no parameters
       memory, pos, csum, cw = state.memory, state.pos, state.chunk_sum, state.chunk_weight
       gated_BTD = h_BTD.astype(dt)
     y_BTD = dense(D, ("kv", "embed"), cfg, "mix_out", init_scale=out_scale)(
         gated_BTD * nn.gelu(v_BTD))
+    y_BTD = layers.saved(y_BTD, "mix_out")
     if cfg.mem_levels and cfg.mem_residual:
       y_BTD = y_BTD + mem_BTD
     y_BTD = nn.Dropout(cfg.dropout)(y_BTD, deterministic=self.deterministic)
@@ -122,6 +125,7 @@ class Block(nn.Module):
       f_BTD, aux["moe"] = MoE(cfg, name="moe")(xn_BTD, self.deterministic)
     else:
       f_BTD = MLP(cfg.ffn_mult * D, D, cfg, name="ffn", out_init_scale=out_scale)(xn_BTD)
+    f_BTD = layers.saved(f_BTD, "ffn_out")
     f_BTD = nn.Dropout(cfg.dropout)(f_BTD, deterministic=self.deterministic)
     x_BTD = layers.constrain(x_BTD + f_BTD, *layers.BTD)
 

@@ -25,7 +25,7 @@ class MMRecConfig(base.BaseConfig):
   CARRIES_STATE: ClassVar[bool] = True    # the recurrence and a bounded memory
   GROWTH: ClassVar[Any] = MMRecGrowth()
   kind: str = "mmrec"
-  BEFORE_FIELDS: ClassVar[dict] = {"mem_lr_scale": 1.0}   # added 2026-11-28
+  BEFORE_FIELDS: ClassVar[dict] = {"mem_lr_scale": 1.0}   # runs saved before the field existed
   mdi_hidden_div: int = 4        # f_base / f_ctx hidden width = D / mdi_hidden_div
   # Long-term memory (HDS): chunks of `chunk_size` tokens; `mem_levels` levels of
   # `mem_slots` slots, level l holding means of 2**l chunk summaries.
@@ -52,13 +52,13 @@ class MMRecConfig(base.BaseConfig):
   # Initialisation scale of the memory's read-out projection (`memory/out`): 0 starts
   # the memory as an exact no-op that training opens (only `out` gets a gradient at
   # step 0; every other memory weight follows once `out` is non-zero); 1, the usual
-  # initialisation (the default until 2026-11-28).
+  # initialisation (the earlier default; CHANGELOG).
   mem_out_init: float = 0.0
   # The memory's weights (every parameter under `memory`) step this factor times
   # the learning rate (their weight decay too); `train.lr_scales` overrides it.
   # AdamW steps every weight by about the learning rate however small its gradient,
-  # and the memory's keys get ~200x less gradient than the rest (1 until 2026-11-28;
-  # README, Quality, for what the two defaults changed).
+  # and the memory's keys get ~200x less gradient than the rest (1 was the earlier
+  # default; docs/experiments/quality.md for what the two defaults changed).
   mem_lr_scale: float = 0.1
   # False: the memory writes the recurrence's output without passing gradient back
   # into it (a stop-gradient on what is pooled); the memory's own weights still
@@ -68,7 +68,7 @@ class MMRecConfig(base.BaseConfig):
   # True, its own residual branch, x + W_o(h * GELU(v)) + m, its read-out then
   # initialised like the other residual outputs (times 1 / (2 n_layers)).
   mem_residual: bool = False
-  scan_impl: str = "auto"        # auto | associative | sequential | chunked
+  scan_impl: str = "auto"        # auto | associative | sequential | chunked | pallas
   scan_chunk: int = 64           # chunk length of the `chunked` scan
   # MDI: the per-channel decays at init span [decay_min, decay_max] (timescales
   # 1/(1-a) spaced geometrically, 10 to 1000 tokens by default).

@@ -35,7 +35,7 @@ def resolve_impl(impl: str, seq_len: int | None = None) -> str:
     return "sequential"
   if backend == "gpu":
     # H200, base width, T = 1K..32K: 1.4-5.7x faster than chunked forward, 2.2-3.1x
-    # forward+backward; small's bf16 train step 6% faster (README, GPU figures)
+    # forward+backward; small's bf16 train step 6% faster (docs/experiments/speed.md)
     return "associative"
   return "chunked" if (seq_len or 0) > 256 else "associative"
 

@@ -8,7 +8,7 @@
 # - bench.scan: the three scan implementations at base width (8 x 1024), T = 1K..32K,
 #   forward and forward+backward, each against an elementwise pass over the same
 #   bytes (the scan is memory-bound: that pass is its roofline on this device);
-# - bench.train again for small with model.remat=dots and full (is recomputing the
+# - bench.train again for small with model.remat=dots, projections and full (is recomputing the
 #   saved activations cheaper than storing them?);
 # - bench.decode: small and base, batch 1 and 16, prefill.
 # - bench.profile: where small's bfloat16 train step spends its time (with XLA's
@@ -39,7 +39,7 @@ step() { echo "== $(date -u +%FT%TZ) $*" | tee -a "$LOG"; timeout "$LIMIT" "$PY"
 step mmrec_jax.bench.train --config=configs/small.py --config.model.dtype=bfloat16 \
   --batch=32 --seq_len=2048 --steps=10 --peak_reps=21
 step mmrec_jax.bench.decode --configs=small --contexts=1024,8192 --peak_reps=21
-for remat in dots full; do   # the step is bound by saved activations (README): recompute them?
+for remat in projections dots full; do   # the step is bound by saved activations: recompute them?
   step mmrec_jax.bench.train --config=configs/small.py --config.model.dtype=bfloat16 \
     --config.model.remat=$remat --batch=32 --seq_len=2048 --steps=10 --peak_reps=5
 done

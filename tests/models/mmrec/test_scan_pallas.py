@@ -194,3 +194,33 @@ def test_lowers_for_tpu_and_gpu(platform):
       lowering_platforms=(platform,)).as_text()
   call = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
   assert text.count(f"@{call}") == 4  # forward and backward of both variants
+
+
+@pytest.mark.slow
+def test_the_model_with_scan_impl_pallas_equals_sequential():
+  """`model.scan_impl=pallas` (the gated kernel inside the block) gives the
+  sequential model's logits, carried state and parameter gradients, with a
+  document start inside a row and a state carried in."""
+  from mmrec_jax import models  # pylint: disable=import-outside-toplevel
+  base = dict(vocab_size=32, d_model=16, n_layers=2, n_heads=2, chunk_size=4, mem_slots=2,
+              mem_levels=2, mem_out_init=1.0)
+  seq = models.build(dict(base, scan_impl="sequential"))
+  pal = models.build(dict(base, scan_impl="pallas"))
+  params = models.init_params(seq, jax.random.key(0))
+  toks = jax.random.randint(jax.random.key(1), (2, 20), 1, 32).at[1, 9].set(0)
+  reset = toks == 0
+
+  def loss(p, model, state):
+    logits, new_state, _ = model.apply({"params": p}, toks, state=state, reset=reset)
+    return jnp.sum(jnp.sin(logits)), (logits, new_state)
+
+  state = seq.apply({"params": params}, toks[:, :7], state=seq.init_state(2))[1]
+  grad = lambda model: jax.jit(jax.value_and_grad(lambda p, s: loss(p, model, s),
+                                                   has_aux=True))
+  (ls, (lo_s, st_s)), g_s = grad(seq)(params, state)
+  (lp, (lo_p, st_p)), g_p = grad(pal)(params, state)
+  np.testing.assert_allclose(lo_p, lo_s, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(st_p.h, st_s.h, atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_s)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+  assert abs(float(lp) - float(ls)) < 1e-3

@@ -7,8 +7,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests run small steps a few times each, so compiling dominates them: XLA's cheap
 # compile mode (the same semantics, less optimised code) took two test files from
-# 221 s to 151 s. Inherited by the subprocesses tests start; the README command's
-# test turns it off, so one run compiles exactly as a user's does.
+# 221 s to 151 s. Inherited by the subprocesses tests start.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

@@ -62,24 +62,29 @@ ARMS = {
 }
 DECAY = 0.2   # every run's decay: the last fifth of its own big-model steps
 
-flags.DEFINE_string("small", "tiny", "Config grown from.")
-flags.DEFINE_string("big", "mini", "Config grown into (and trained from scratch).")
-flags.DEFINE_integer("steps", 300, "Steps of the scratch run.")
-flags.DEFINE_list("arms", list(ARMS), f"Growth arms ({', '.join(ARMS)}).")
-flags.DEFINE_list("grow_at", ["0.25"], "Growth points: the small model's training as a "
-                  "fraction of the scratch run's FLOPs.")
-flags.DEFINE_list("budgets", ["0.5", "0.75"], "Big-model steps after growth, as fractions "
-                  "of --steps (each a complete run).")
-flags.DEFINE_float("noise", 0.05, "Zero-sum noise over the copies of widened units.")
-flags.DEFINE_float("rewarmup", 0.03, "restart: warmup after growth, as a fraction of its steps.")
-flags.DEFINE_integer("rewind", 0, "carry, stack: steps the continued schedule is rewound.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (train.seed of every run).")
-flags.DEFINE_integer("eval_every", 30, "Steps between held-out evaluations.")
-flags.DEFINE_multi_string("set", [], "SECTION.FIELD=VALUE for every run.")
-flags.DEFINE_multi_string("small_set", [], "SECTION.FIELD=VALUE for the small config only.")
-flags.DEFINE_multi_string("big_set", [], "SECTION.FIELD=VALUE for the big config only.")
-flags.DEFINE_string("workdir", "runs/bench_grow", "Where the runs and results go.")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command's flags (defined when it runs: importing this module defines none)."""
+  flags.DEFINE_string("small", "tiny", "Config grown from.")
+  flags.DEFINE_string("big", "mini", "Config grown into (and trained from scratch).")
+  flags.DEFINE_integer("steps", 300, "Steps of the scratch run.")
+  flags.DEFINE_list("arms", list(ARMS), f"Growth arms ({', '.join(ARMS)}).")
+  flags.DEFINE_list("grow_at", ["0.25"], "Growth points: the small model's training as a "
+                    "fraction of the scratch run's FLOPs.")
+  flags.DEFINE_list("budgets", ["0.5", "0.75"], "Big-model steps after growth, as fractions "
+                    "of --steps (each a complete run).")
+  flags.DEFINE_float("noise", 0.05, "Zero-sum noise over the copies of widened units.")
+  flags.DEFINE_float("rewarmup", 0.03, "restart: warmup after growth, as a fraction of its steps.")
+  flags.DEFINE_integer("rewind", 0, "carry, stack: steps the continued schedule is rewound.")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (train.seed of every run).")
+  flags.DEFINE_integer("eval_every", 30, "Steps between held-out evaluations.")
+  flags.DEFINE_multi_string("set", [], "SECTION.FIELD=VALUE for every run.")
+  flags.DEFINE_multi_string("small_set", [], "SECTION.FIELD=VALUE for the small config only.")
+  flags.DEFINE_multi_string("big_set", [], "SECTION.FIELD=VALUE for the big config only.")
+  flags.DEFINE_string("workdir", "runs/bench_grow", "Where the runs and results go.")
+  flags.DEFINE_bool("json", False, "Print the savings as one JSON object on the last line.")
 
 
 def flops_per_step(config):
@@ -207,6 +212,22 @@ def report(results, log=print):
       log(f"{arm:<10}{100 * sav:>8.1f}%{100 * wo:>10.1f}%{1 / (1 - sav):>7.2f}x   {per}")
 
 
+def summary(results):
+  """Per growth point and arm: `saving` and `saving_without_small` per seed, their mean
+  and spread (population standard deviation), and whether each is a bound."""
+  out = {}
+  for g in FLAGS.grow_at:
+    for arm in FLAGS.arms:
+      rs = {s: results[s]["points"][g][arm] for s in results}
+      row = {"bound": {s: BOUND[r["bound"]] for s, r in rs.items()}}
+      for k in ("saving", "saving_without_small"):
+        vals = [r[k] for r in rs.values()]
+        row[k] = {"per_seed": {s: r[k] for s, r in rs.items()},
+                  "mean": float(np.mean(vals)), "spread": float(np.std(vals))}
+      out.setdefault(g, {})[arm] = row
+  return out
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.ERROR)
@@ -229,7 +250,7 @@ def main(argv):
   report(results)
   path = os.path.join(root, "bench_grow.json")
   with open(path, "w") as f:
-    json.dump({"results": results, "curves": all_curves, "flags": {
+    json.dump({"results": results, "summary": summary(results), "curves": all_curves, "flags": {
         k: FLAGS[k].value for k in ("small", "big", "steps", "arms", "grow_at", "budgets",
                                     "noise", "rewarmup", "rewind", "seeds", "set", "small_set",
                                     "big_set")}}, f,
@@ -242,9 +263,14 @@ def main(argv):
   metrics_lib.plot_lines(png, series, "cumulative training FLOPs", "held-out bits per byte",
                          title="growth vs scratch")
   print(f"wrote {path} and {png}")
+  if FLAGS.json:
+    print(json.dumps({"bench": "grow", "small": FLAGS.small, "big": FLAGS.big,
+                      "steps": FLAGS.steps, "budgets": FLAGS.budgets,
+                      "grow_at": summary(results)}))
 
 
 def entry():
+  define_flags()
   cli.run(main)
 
 

@@ -25,15 +25,19 @@ from mmrec_jax import config as config_lib
 from mmrec_jax.errors import UsageError
 from mmrec_jax.models import layers
 
-config_flags.DEFINE_config_file("config", "configs/tiny.py",
-                                "config file (or a shipped config's name, e.g. small)")
-flags.DEFINE_integer("batch", 4, "Rows of the compiled step.")
-flags.DEFINE_integer("seq_len", 512, "Tokens per row of the compiled step.")
-flags.DEFINE_list("policies", ["none", "dots", "projections", "full"],
-                  f"model.remat policies compared ({', '.join(layers.REMAT_POLICIES)}).")
-flags.DEFINE_integer("check_batch", 2, "Rows of the step run under every policy.")
-flags.DEFINE_integer("check_seq_len", 128, "Tokens per row of the step run under every policy.")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command's flags (defined when it runs: importing this module defines none)."""
+  config_flags.DEFINE_config_file("config", "configs/tiny.py",
+                                  "config file (or a shipped config's name, e.g. small)")
+  flags.DEFINE_integer("batch", 4, "Rows of the compiled step.")
+  flags.DEFINE_integer("seq_len", 512, "Tokens per row of the compiled step.")
+  flags.DEFINE_list("policies", ["none", "dots", "projections", "full"],
+                    f"model.remat policies compared ({', '.join(layers.REMAT_POLICIES)}).")
+  flags.DEFINE_integer("check_batch", 2, "Rows of the step run under every policy.")
+  flags.DEFINE_integer("check_seq_len", 128, "Tokens per row of the step run under every policy.")
 
 
 def temporaries(c, policy, batch, seq_len):
@@ -85,6 +89,7 @@ def main(argv):
 
 
 def entry():
+  define_flags()
   cli.run(main)
 
 

@@ -62,7 +62,7 @@ def test_readme_command(corpus, tmp_path):
           "--config.train.steps=3", "--config.train.seq_len=64", "--config.train.eval_every=3",
           "--config.train.eval_batches=1", "--config.train.samples=2",
           "--config.train.sample_tokens=4", "--config.data.val_fraction=0.1"]
-  proc = launch(args, cwd=str(tmp_path), JAX_DISABLE_MOST_OPTIMIZATIONS="0")  # as a user runs it
+  proc = launch(args, cwd=str(tmp_path))
   out = proc.communicate(timeout=240)[0]
   assert proc.returncode == 0, out[-3000:]
   assert "finished at step 3" in out and out.count("--- sample") == 2, out[-3000:]

@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+from flax import linen as nn
 
 from mmrec_jax import config as config_lib
 
@@ -117,3 +118,17 @@ def close_trees(a, b, atol=2e-5):
 def random_tokens(B, T, seed=1, vocab=64, low=0):
   """int32 [B, T] tokens uniform in [low, vocab)."""
   return jax.random.randint(jax.random.key(seed), (B, T), low, vocab)
+
+
+def boxed_param_tree():
+  """Abstract parameters with logical axis names, one of each kind the optimizer and
+  the shardings treat differently (embedding, norm scale, kernel, bias, decay, lam)."""
+  box = lambda shape, names: nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, np.float32),
+                                                     names)
+  return {"embed": box((300, 32), ("vocab", "embed")),
+          "blocks": {"norm": {"scale": box((2, 32), ("layers", "embed"))},
+                     "mlp": {"kernel": box((2, 32, 128), ("layers", "embed", "mlp")),
+                             "bias": box((2, 128), ("layers", "mlp"))},
+                     "gate_decay": {"w": box((2, 32, 32), ("layers", "embed", "kv"))},
+                     "lam": box((2, 32), ("layers", "embed")),
+                     "mem": {"kernel": box((2, 30, 30), ("layers", "kv", "kv_out"))}}}

@@ -3,11 +3,11 @@ weight-decay mask."""
 import jax
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from mmrec_jax.config.sections import TrainConfig
 from mmrec_jax.errors import ConfigError
 from mmrec_jax.training import optimizer as opt_lib
+from tests import support
 
 
 def test_lr_scales_scale_a_modules_steps_and_keep_the_optimizer_state():
@@ -55,15 +55,7 @@ def test_lr_scales_scale_a_modules_steps_and_keep_the_optimizer_state():
 
 
 def test_decay_mask():
-  box = lambda shape, names: nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, np.float32),
-                                                     names)
-  tree = {"embed": box((300, 32), ("vocab", "embed")),
-          "blocks": {"norm": {"scale": box((2, 32), ("layers", "embed"))},
-                     "mlp": {"kernel": box((2, 32, 128), ("layers", "embed", "mlp")),
-                             "bias": box((2, 128), ("layers", "mlp"))},
-                     "gate_decay": {"w": box((2, 32, 32), ("layers", "embed", "kv"))},
-                     "lam": box((2, 32), ("layers", "embed")),
-                     "mem": {"kernel": box((2, 30, 30), ("layers", "kv", "kv_out"))}}}
+  tree = support.boxed_param_tree()
   mask = opt_lib.decay_mask(tree)
   assert mask["embed"] and mask["blocks"]["mlp"]["kernel"]
   assert not mask["blocks"]["norm"]["scale"] and not mask["blocks"]["mlp"]["bias"]

@@ -9,18 +9,11 @@ from mmrec_jax import config as config_lib
 from mmrec_jax.errors import ConfigError
 from mmrec_jax.training import sharding as shard_lib
 from tests.support import TINY
+from tests import support
 
 
 def test_logical_axes_onto_the_mesh():
-  box = lambda shape, names: nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, np.float32),
-                                                     names)
-  tree = {"embed": box((300, 32), ("vocab", "embed")),
-          "blocks": {"norm": {"scale": box((2, 32), ("layers", "embed"))},
-                     "mlp": {"kernel": box((2, 32, 128), ("layers", "embed", "mlp")),
-                             "bias": box((2, 128), ("layers", "mlp"))},
-                     "gate_decay": {"w": box((2, 32, 32), ("layers", "embed", "kv"))},
-                     "lam": box((2, 32), ("layers", "embed")),
-                     "mem": {"kernel": box((2, 30, 30), ("layers", "kv", "kv_out"))}}}
+  tree = support.boxed_param_tree()
   mesh = shard_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": -1}, jax.devices()[:1])
   sh = shard_lib.logical_shardings(tree, mesh)
   assert sh["embed"].spec == jax.sharding.PartitionSpec("tensor", "fsdp")
@@ -29,7 +22,9 @@ def test_logical_axes_onto_the_mesh():
     mesh8 = shard_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
     sh8 = shard_lib.logical_shardings(tree, mesh8)   # 30 is not divisible by... it is (2)
     assert sh8["embed"].spec == jax.sharding.PartitionSpec("tensor", "fsdp")
-    odd = shard_lib.logical_shardings({"x": box((3, 32), ("vocab", "embed"))}, mesh8)
+    odd = shard_lib.logical_shardings(
+        {"x": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((3, 32), np.float32),
+                                      ("vocab", "embed"))}, mesh8)
     assert odd["x"].spec == jax.sharding.PartitionSpec(None, "fsdp")
   with pytest.raises(ValueError, match="devices"):
     shard_lib.make_mesh({"data": 3, "fsdp": 1, "tensor": 1}, jax.devices()[:1])

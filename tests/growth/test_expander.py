@@ -19,7 +19,8 @@ TOL = 1e-4
 BASE = dict(vocab_size=64, d_model=16, n_layers=2, n_heads=2, chunk_size=4, mem_slots=2,
             mem_levels=2, scan_layers=False, mem_out_init=1.0)
 OPTS = dict(use_moe=True, moe_experts=2, use_uboo=True, use_dpg=True,  # every option on
-            mem_qk_norm=True, mem_pool="exp", mem_read_logn=True, mem_sink=True)
+            mem_qk_norm=True, mem_pool="exp", mem_read_logn=True, mem_sink=True,
+            mem_key="previous")
 SMALL = dict(BASE, **OPTS)
 BIG = dict(SMALL, d_model=32, n_heads=4, n_layers=3, vocab_size=96)
 
@@ -184,6 +185,7 @@ def test_mesh_of_8_devices_gives_the_same_params():
     (dict(use_moe=False), "use_moe switched off"),
     (dict(mem_qk_norm=False), "mem_qk_norm switched off"),
     (dict(mem_pool="sigmoid"), "mem_pool changes"),
+    (dict(mem_key="state"), "mem_key changes"),
     (dict(mem_read_logn=False), "mem_read_logn switched off"),
     (dict(mem_sink=False), "mem_sink switched off"),
     (dict(mem_residual=True), "mem_residual switched on"),

@@ -39,7 +39,7 @@ V = 64
 MMREC = dict(kind="mmrec", vocab_size=V, d_model=32, n_layers=2, n_heads=4, chunk_size=4,
              mem_slots=2, mem_levels=3, use_dpg=True, dpg_rank=4, use_moe=True, moe_experts=4,
              use_uboo=True, dropout=0.1, mem_qk_norm=True, mem_pool="exp", mem_read_logn=True,
-             mem_sink=True, mem_out_init=1.0)
+             mem_sink=True, mem_key="previous", mem_out_init=1.0)
 # MoE at its default settings (moe_capacity_factor left at 1.25; `dense`: the routing
 # both implementations share, compared in test_moe.py), the read on its own residual branch.
 MMREC_MOE = dict(kind="mmrec", vocab_size=V, d_model=32, n_layers=2, n_heads=4, chunk_size=4,

@@ -104,12 +104,13 @@ class Block(nn.Module):
     h_BTD = layers.saved(layers.constrain(h_BTD, *KV), "recurrence")
 
     if cfg.mem_levels:
-      mem_BTD, (memory, pos, csum, cw) = HDSMemory(cfg, name="memory")(
-          h_BTD, parts[0], reset_BT, state)
+      mem_BTD, (memory, pos, csum, cw, ksum, prev) = HDSMemory(cfg, name="memory")(
+          h_BTD, parts[0], xn_BTD, reset_BT, state)
       mem_BTD = layers.saved(mem_BTD, "memory_read")
       gated_BTD = h_BTD.astype(dt) if cfg.mem_residual else h_BTD.astype(dt) + mem_BTD
     else:  # no long-term memory: nothing written, nothing read, no parameters
       memory, pos, csum, cw = state.memory, state.pos, state.chunk_sum, state.chunk_weight
+      ksum, prev = state.key_sum, state.prev_x
       gated_BTD = h_BTD.astype(dt)
     y_BTD = dense(D, ("kv", "embed"), cfg, "mix_out", init_scale=out_scale)(
         gated_BTD * nn.gelu(v_BTD))
@@ -139,5 +140,5 @@ class Block(nn.Module):
       aux["uboo"] = jnp.sum(err_BT * ok_BT) / jnp.maximum(jnp.sum(ok_BT), 1.0)
 
     new_state = LayerState(h=h_BTD[:, -1], memory=memory, pos=pos, chunk_sum=csum,
-                           chunk_weight=cw)
+                           chunk_weight=cw, key_sum=ksum, prev_x=prev)
     return x_BTD, (new_state, aux)

@@ -16,6 +16,7 @@ GATE_BOUND = 15.0
 # (weights from 4.5e-5, far above the memory's MIN_MASS, to 2.2e4).
 POOL_BOUND = 10.0
 MEM_POOLS = ("sigmoid", "exp")
+MEM_KEYS = ("state", "previous")
 MAX_INIT_DECAY = 0.99999
 
 
@@ -40,6 +41,13 @@ class MMRecConfig(base.BaseConfig):
   # (since merges weight by mass) over every chunk a coarse slot holds, so one
   # salient chunk can outweigh the many filler chunks it is merged with.
   mem_pool: str = "sigmoid"
+  # What a chunk's key is a summary of: "state", the pooled recurrence output (the
+  # same summary as its value); "previous", the pooled block input of the token
+  # BEFORE each pooled token (with that token's weight), its value still the pooled
+  # recurrence output. With "previous" a chunk whose pooling picks a token keys that
+  # token's state by the token before it: a pair (a, b) is found by a later query a
+  # (what attention needs two layers for: a previous-token head, then an induction head).
+  mem_key: str = "state"
   # The read's logits times log(number of slots it sees) (scalable softmax): a
   # margin learned among the few slots of a training window keeps its weight
   # among the many slots of a longer document.
@@ -92,6 +100,8 @@ class MMRecConfig(base.BaseConfig):
                f"{self.mem_levels!r}")
     base.check(self.mem_pool in MEM_POOLS, f"model.mem_pool={self.mem_pool!r} is unknown; use "
                f"one of {', '.join(MEM_POOLS)}")
+    base.check(self.mem_key in MEM_KEYS, f"model.mem_key={self.mem_key!r} is unknown; use "
+               f"one of {', '.join(MEM_KEYS)}")
     base.check(isinstance(self.mem_out_init, (int, float)) and self.mem_out_init >= 0,
                f"model.mem_out_init must be a number >= 0 (0: the memory's read-out starts at "
                f"zero), got {self.mem_out_init!r}")

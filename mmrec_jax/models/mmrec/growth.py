@@ -60,6 +60,8 @@ class MMRecGrowth(base.GrowthRules):
     for f, why in READ_SWITCHES.items():
       if getattr(small, f) != getattr(big, f):
         r.append(f"model.{f} switched {'off' if getattr(small, f) else 'on'} ({why})")
+    if small.mem_key != big.mem_key:
+      r.append(f"model.mem_key changes ({small.mem_key} -> {big.mem_key}; another write)")
     if small.mem_pool != big.mem_pool:
       r.append(f"model.mem_pool changes ({small.mem_pool} -> {big.mem_pool}; another pooling)")
     if small.use_dpg != big.use_dpg:
@@ -100,7 +102,7 @@ class MMRecGrowth(base.GrowthRules):
       name = _path_str(path)
       if name.endswith("slots") or name.endswith("pend"):
         return jnp.take(x, kv, axis=-1)
-      if name in ("h", "chunk_sum"):
+      if name in ("h", "chunk_sum", "key_sum", "prev_x"):
         return jnp.take(x, width_src, axis=-1)
       return x
     return jax.tree_util.tree_map_with_path(one, state)

@@ -21,6 +21,9 @@ class LayerState:
   pos: jax.Array              # [B] int32: position in the current document
   chunk_sum: jax.Array        # [B, D] float32: pooled sum of h over the unfinished chunk
   chunk_weight: jax.Array     # [B] float32: its pooling weight
+  # `mem_key="previous"` only (None otherwise):
+  key_sum: jax.Array | None = None   # [B, D] float32: pooled sum of the previous tokens' inputs
+  prev_x: jax.Array | None = None    # [B, D] float32: the last token's block input
 
 
 class HDSMemory(nn.Module):
@@ -28,14 +31,20 @@ class HDSMemory(nn.Module):
   cfg: MMRecConfig
 
   @nn.compact
-  def __call__(self, h_BTD, q_BTD, reset_BT, state: LayerState):
+  def __call__(self, h_BTD, q_BTD, x_BTD, reset_BT, state: LayerState):
+    """h: the recurrence's output (pooled into values, and keys with mem_key="state");
+    q: the read's queries; x: the block's normalised input (keys with "previous").
+    Returns the read [B, T, D] and the state's new (memory, pos, chunk_sum,
+    chunk_weight, key_sum, prev_x)."""
     cfg = self.cfg
     B, T, D = h_BTD.shape
     H = cfg.n_heads
     dt = cfg.compute_dtype
+    shifted = cfg.mem_key == "previous"
     if not cfg.mem_write_grad:
-      h_BTD = jax.lax.stop_gradient(h_BTD)
+      h_BTD, x_BTD = jax.lax.stop_gradient(h_BTD), jax.lax.stop_gradient(x_BTD)
     summary = dense(D, ("embed", "kv"), cfg, "summary")
+    summary_key = dense(D, ("embed", "kv"), cfg, "summary_key") if shifted else summary
     key = dense(D, ("kv", "kv_out"), cfg, "key")
     value = dense(D, ("kv", "kv_out"), cfg, "value")
     out = dense(D, ("kv", "embed"), cfg, "out", init_scale=cfg.mem_out_init * (
@@ -56,14 +65,17 @@ class HDSMemory(nn.Module):
             else jax.nn.sigmoid(score_BT))
 
     def summarise_kv(acc_BKX):
-      """Key and value of the chunks' pooled summaries, float32 [..., 2D]."""
-      pooled_BKD = acc_BKX[..., :D] / jnp.maximum(acc_BKX[..., D:], 1e-6)
-      summ_BKD = nn.gelu(summary(pooled_BKD.astype(dt)))
-      return jnp.concatenate([key(summ_BKD), value(summ_BKD)], axis=-1).astype(jnp.float32)
+      """Key and value of the chunks' pooled summaries, float32 [..., 2D]; `acc` holds
+      (sum w h, [sum w x_prev,] sum w)."""
+      weight_BK1 = jnp.maximum(acc_BKX[..., -1:], 1e-6)
+      summ_BKD = nn.gelu(summary((acc_BKX[..., :D] / weight_BK1).astype(dt)))
+      ksumm_BKD = (nn.gelu(summary_key((acc_BKX[..., D:2 * D] / weight_BK1).astype(dt)))
+                   if shifted else summ_BKD)
+      return jnp.concatenate([key(ksumm_BKD), value(summ_BKD)], axis=-1).astype(jnp.float32)
 
     if T == 1 and not self.is_initializing():
-      return _decode_one(cfg, h_BTD[:, 0], q_BTD[:, 0], w_BT[:, 0], reset_BT[:, 0], state,
-                         summarise_kv, out, scale_H, sink)
+      return _decode_one(cfg, h_BTD[:, 0], q_BTD[:, 0], x_BTD[:, 0], w_BT[:, 0], reset_BT[:, 0],
+                         state, summarise_kv, out, scale_H, sink)
 
     pos_BT, last_reset_BT = jax.vmap(layers.positions)(state.pos, reset_BT)
     start_BT = pos_BT % cfg.chunk_size == 0
@@ -71,8 +83,14 @@ class HDSMemory(nn.Module):
     end_BK, end_valid_BK, k_BT, cleared_BT, is_end_BT = ev
     # (sum w*h, sum w) of each ending chunk and of the unfinished last one, as
     # masked sums over the chunk's tokens; segment 0 continues the carried chunk.
-    x_BTX = jnp.concatenate([w_BT[..., None] * h_BTD, w_BT[..., None]], axis=-1)
-    carry_BX = jnp.concatenate([state.chunk_sum, state.chunk_weight[:, None]], axis=-1)
+    pooled = [h_BTD]
+    carried = [state.chunk_sum]
+    if shifted:  # each token's previous input in its document (zeros at its start)
+      prev_BTD = jnp.concatenate([state.prev_x[:, None].astype(x_BTD.dtype), x_BTD[:, :-1]], 1)
+      pooled.append(jnp.where((pos_BT == 0)[..., None], 0.0, prev_BTD.astype(jnp.float32)))
+      carried.append(state.key_sum)
+    x_BTX = jnp.concatenate([w_BT[..., None] * p for p in pooled] + [w_BT[..., None]], axis=-1)
+    carry_BX = jnp.concatenate(carried + [state.chunk_weight[:, None]], axis=-1)
     seg_BT = jnp.cumsum(start_BT, axis=1)
     seg_BK = jnp.take_along_axis(seg_BT, end_BK, axis=1)
     sums = lambda sel, x: jnp.einsum("bkt,btx->bkx", sel.astype(jnp.float32), x,
@@ -91,7 +109,7 @@ class HDSMemory(nn.Module):
     doc_BK = jnp.take_along_axis(last_reset_BT, end_BK, axis=1)
     chunk_BK = jnp.take_along_axis(pos_BT, end_BK, axis=1) // cfg.chunk_size
     m_BKMX, valid_BKM, final = jax.vmap(mem_lib.write_groups)(
-        state.memory, state.pos // cfg.chunk_size, kv_BKX, acc_BKX[..., D], end_valid_BK,
+        state.memory, state.pos // cfg.chunk_size, kv_BKX, acc_BKX[..., -1], end_valid_BK,
         doc_BK, chunk_BK)
     K1, M = m_BKMX.shape[1:3]
     heads = lambda x: layers.constrain(x.astype(dt).reshape(B, K1, M, H, D // H),
@@ -112,19 +130,31 @@ class HDSMemory(nn.Module):
         lambda m: jnp.where(doc_cleared_B.reshape((B,) + (1,) * (m.ndim - 1)), jnp.zeros_like(m), m),
         final)
     last_acc_BX = jnp.where(is_end_BT[:, -1:], 0.0, last_BX)
-    return out_BTD, (final, pos_BT[:, -1] + 1, last_acc_BX[:, :D], last_acc_BX[:, D])
+    return out_BTD, _new_state(final, pos_BT[:, -1] + 1, last_acc_BX, x_BTD[:, -1], shifted, D)
 
 
-def _decode_one(cfg, h_BD, q_BD, w_B, reset_B, state, summarise_kv, out, scale_H, sink):
+def _new_state(memory, pos_B, acc_BX, x_BD, shifted, D):
+  """(memory, pos, chunk_sum, chunk_weight, key_sum, prev_x) after a call."""
+  return (memory, pos_B, acc_BX[:, :D], acc_BX[:, -1],
+          acc_BX[:, D:2 * D] if shifted else None,
+          x_BD.astype(jnp.float32) if shifted else None)
+
+
+def _decode_one(cfg, h_BD, q_BD, x_BD, w_B, reset_B, state, summarise_kv, out, scale_H, sink):
   """`HDSMemory` for one token (T = 1): the same numbers as the general path,
   without its chunk bookkeeping; a chunk's summary is computed and written
   (`lax.cond`) only at steps where some row ends a chunk, once every C tokens."""
   B, D = h_BD.shape
   H = cfg.n_heads
   pos_B = jnp.where(reset_B, 0, state.pos)
-  # (sum w*h, sum w) of the chunk so far; a document start begins a new chunk
-  carry_BX = jnp.concatenate([state.chunk_sum, state.chunk_weight[:, None]], axis=-1)
-  acc_BX = (jnp.concatenate([w_B[:, None] * h_BD, w_B[:, None]], axis=-1)
+  shifted = cfg.mem_key == "previous"
+  # (sum w*h, [sum w*x_prev,] sum w) of the chunk so far; a document start begins a new chunk
+  pooled, carried = [h_BD], [state.chunk_sum]
+  if shifted:
+    pooled.append(jnp.where((pos_B == 0)[:, None], 0.0, state.prev_x))
+    carried.append(state.key_sum)
+  carry_BX = jnp.concatenate(carried + [state.chunk_weight[:, None]], axis=-1)
+  acc_BX = (jnp.concatenate([w_B[:, None] * p for p in pooled] + [w_B[:, None]], axis=-1)
             + jnp.where((pos_B % cfg.chunk_size == 0)[:, None], 0.0, carry_BX))
   # The token reads the memory as it was before it (nothing after a document start).
   read_BHd = jax.vmap(mem_lib.read, in_axes=(0, 0, 0, None, None, None))(
@@ -138,9 +168,9 @@ def _decode_one(cfg, h_BD, q_BD, w_B, reset_B, state, summarise_kv, out, scale_H
   def update(memory):
     memory = jax.tree_util.tree_map(
         lambda m: jnp.where(rows(reset_B, m), jnp.zeros_like(m), m), memory)
-    new = jax.vmap(mem_lib.write)(memory, summarise_kv(acc_BX), acc_BX[:, D])
+    new = jax.vmap(mem_lib.write)(memory, summarise_kv(acc_BX), acc_BX[:, -1])
     return jax.tree_util.tree_map(lambda n, m: jnp.where(rows(end_B, m), n, m), new, memory)
 
   memory = jax.lax.cond(jnp.any(end_B | reset_B), update, lambda m: m, state.memory)
   acc_BX = jnp.where(end_B[:, None], 0.0, acc_BX)
-  return out_BD[:, None], (memory, pos_B + 1, acc_BX[:, :D], acc_BX[:, D])
+  return out_BD[:, None], _new_state(memory, pos_B + 1, acc_BX, x_BD, shifted, D)

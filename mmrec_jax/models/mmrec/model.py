@@ -44,10 +44,12 @@ class MMRec(layers.LanguageModel, nn.Module):
     if c.mem_levels:
       one = mem_lib.empty_memory(c.mem_levels, c.mem_slots, 2 * D)  # key and value per slot
       memory = jax.tree_util.tree_map(lambda v: jnp.broadcast_to(v, (L, batch) + v.shape), one)
-    return LayerState(h=jnp.zeros((L, batch, D), jnp.float32), memory=memory,
-                      pos=jnp.zeros((L, batch), jnp.int32),
-                      chunk_sum=jnp.zeros((L, batch, D), jnp.float32),
-                      chunk_weight=jnp.zeros((L, batch), jnp.float32))
+    zeros_LBD = lambda: jnp.zeros((L, batch, D), jnp.float32)
+    shifted = bool(c.mem_levels) and c.mem_key == "previous"
+    return LayerState(h=zeros_LBD(), memory=memory, pos=jnp.zeros((L, batch), jnp.int32),
+                      chunk_sum=zeros_LBD(), chunk_weight=jnp.zeros((L, batch), jnp.float32),
+                      key_sum=zeros_LBD() if shifted else None,
+                      prev_x=zeros_LBD() if shifted else None)
 
   def aux_weights(self) -> dict[str, float]:
     """Weights of the auxiliary losses `apply` returns: total = ce + sum(w * aux)."""
@@ -75,7 +77,8 @@ class MMRec(layers.LanguageModel, nn.Module):
     per_layer += 2 * 2 * D * hid                               # f_ctx
     if cfg.mem_levels:
       per_layer += 2 * D                                       # pooling weight
-      per_layer += 3 * 2 * D * D / cfg.chunk_size              # summary, key, value per chunk
+      summaries = 2 if cfg.mem_key == "previous" else 1
+      per_layer += (2 + summaries) * 2 * D * D / cfg.chunk_size  # summaries, key, value per chunk
       per_layer += 2 * 2 * D * M                               # memory attention
       per_layer += 2 * D * D                                   # memory out
     per_layer += 2 * D * D                                     # mixer out

@@ -18,7 +18,7 @@ ALL_ON = M.MMRecConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, chunk_si
                        mem_slots=2, mem_levels=3, use_dpg=True, dpg_rank=4, use_moe=True, moe_experts=4,
                        use_uboo=True, dropout=0.1, mem_qk_norm=True,
                        mem_pool="exp", mem_read_logn=True, mem_sink=True,
-                       mem_out_init=1.0)
+                       mem_key="previous", mem_out_init=1.0)
 NOMEM = {"vocab_size": V, "d_model": 16, "n_layers": 2, "n_heads": 2, "mem_levels": 0}
 
 

@@ -63,3 +63,47 @@ def test_grow_then_train_and_the_ladder_resumes(corpus, tmp_path):
   out = ladder.run_ladder(stages, dirs, noise=0.05, log=lambda *a: None, devices=devices,
                                quiet=True)
   assert [o["skipped"] for o in out] == [True, True]
+
+
+def test_carry_recipe_is_one_schedule_over_the_ladder(corpus):
+  """`--recipe=carry`: stage i trains to the ladder's step so far, every stage warms
+  up like stage 0, and only the last decays (over its own last fifth)."""
+  configs = ladder.stage_configs([TINY] * 3, [10, 20, 40], [f"{k}={v}" for k, v in {
+      **RUN, "data.path": corpus}.items()], recipe="carry")
+  assert [c.train.steps for c in configs] == [10, 30, 70]
+  assert {c.train.schedule for c in configs} == {"wsd"}
+  assert {c.train.warmup_steps for c in configs} == {configs[0].train.warmup_steps}
+  assert [c.train.decay_frac for c in configs[:2]] == [ladder.HOLD_DECAY] * 2
+  assert configs[2].train.decay_frac * 70 == pytest.approx(ladder.DECAY * 40)
+  restart = ladder.stage_configs([TINY] * 2, [10, 20], [], recipe="restart")
+  assert [c.train.steps for c in restart] == [10, 20]
+  with pytest.raises(Exception, match="--recipe=other is unknown"):
+    ladder.stage_configs([TINY], [10], [], recipe="other")
+
+
+def test_one_vocabulary_gives_every_stage_the_last_stages_tokenizer(corpus, tmp_path):
+  configs = [run_config(corpus, 270), run_config(corpus, 290, **{"model.d_model": 32})]
+  one = ladder.one_vocabulary(configs, str(tmp_path), log=lambda *a: None)
+  assert {c.model.vocab_size for c in one} == {290}
+  assert {c.data.tokenizer for c in one} == {str(tmp_path / "tokenizer.json")}
+  assert tokenizer_lib.load_tokenizer(one[0].data.tokenizer).get_vocab_size() == 290
+  assert ladder.one_vocabulary(one, str(tmp_path / "again")) == one   # named: unchanged
+
+
+@pytest.mark.slow
+def test_carry_ladder_continues_the_optimizer_and_schedule(corpus, tmp_path):
+  """Stage 1 of a `carry` ladder starts where stage 0 stopped: its step count goes
+  on (2 -> 4), and its first step runs at its peak learning rate (no re-warmup)."""
+  devices = jax.devices()[:1]
+  over = [f"{k}={v}" for k, v in {**RUN, "data.path": corpus, "train.lr": 1e-3,
+                                  "model.vocab_size": 290}.items()]
+  configs = ladder.stage_configs([TINY] * 2, [2, 2], over, recipe="carry",
+                                 stage_overrides=["1:model.d_model=32"])
+  configs = ladder.one_vocabulary(configs, str(tmp_path), log=lambda *a: None)
+  dirs = [str(tmp_path / "0"), str(tmp_path / "1")]
+  out = ladder.run_ladder(configs, dirs, log=lambda *a: None, devices=devices, quiet=True,
+                          recipe="carry")
+  assert out[1]["step"] == 4 and out[1]["reason"] == "done" and out[1]["grow_logit_diff"] < TOL
+  with open(tmp_path / "1" / "metrics.jsonl") as f:
+    train = [r for r in map(json.loads, f) if r.get("split") == "train" and "lr" in r]
+  assert train[0]["step"] == 3 and train[0]["lr"] == pytest.approx(1e-3)

@@ -1,7 +1,7 @@
 """Recall: can a model find, far back in its context, what a later query asks for?
 
     python -m mmrec_jax.bench.recall [--arms=mmrec,mmrec_nomem,transformer] [--seeds=0,1]
-        [--lrs=1e-3,3e-3] [--steps=N] [--out=runs/recall] [--json]
+        [--lrs=3e-3] [--steps=1000] [--seq_len=128] [--out=runs/recall] [--json]
 
 Synthetic tasks with a small vocabulary and fresh random bindings in every
 sequence (`mmrec_jax/data/tasks.py`), trained through the normal trainer with the
@@ -10,8 +10,9 @@ loss on the answers only (`data.task`, `mmrec_jax/data/synthetic.py`):
 - a sanity gate first: a small Transformer must reach >= 0.9 on MQAR with 4 pairs
   in 64 tokens inside its training length; if it does not, the recipe (learning
   rate, steps, vocabulary) is wrong, not the models, and the report says so;
-- every arm (MM-Rec with its long-term memory, the same without it, the
-  Transformer) trained on one stream mixing MQAR (up to 16 pairs in 256 tokens),
+- every arm (MM-Rec with its long-term memory, the same keyed by its pooled state
+  `mmrec_statekey`, the same without memory, the Transformer) trained on one stream
+  mixing MQAR (up to 8 pairs in 128 tokens),
   spread MQAR (one pair per memory chunk, queries two chunks after their pair)
   and a multi-token passkey, at each learning rate of `--lrs` and each seed;
 - scored, with greedy answers, on fresh sequences: MQAR by number of pairs at the

@@ -21,18 +21,19 @@ from mmrec_jax.io import workdir as workdir_lib
 
 GATE_THRESHOLD = 0.9
 
-flags.DEFINE_list("arms", list(runs.ARMS), f"Arms to train ({', '.join(runs.ARMS)}).")
+flags.DEFINE_list("arms", list(runs.DEFAULT_ARMS), f"Arms to train (any of "
+                  f"{', '.join(runs.ARMS)}).")
 flags.DEFINE_list("seeds", ["0", "1"], "Seeds: every arm trains once per seed and learning rate.")
-flags.DEFINE_list("lrs", ["3e-4", "1e-3"], "Peak learning rates swept for every arm.")
-flags.DEFINE_integer("steps", 1200, "Training steps of every arm.")
+flags.DEFINE_list("lrs", ["3e-3"], "Peak learning rates swept for every arm (e.g. 1e-3,3e-3).")
+flags.DEFINE_integer("steps", 1000, "Training steps of every arm.")
 flags.DEFINE_integer("batch", 32, "Rows per batch.")
-flags.DEFINE_integer("seq_len", 256, "Training length (tokens per row).")
+flags.DEFINE_integer("seq_len", 128, "Training length (tokens per row).")
 flags.DEFINE_string("task", runs.TRAIN_TASK, "The arms' training mix (a data.task spec).")
 flags.DEFINE_integer("gate_steps", 3000, "Steps of the gate's Transformer.")
 flags.DEFINE_float("gate_lr", 1e-3, "Peak learning rate of the gate's Transformer.")
 flags.DEFINE_integer("examples", 64, "Fresh held-out sequences per scored cell.")
 flags.DEFINE_list("multiples", ["1", "4", "16"], "Lengths scored, as multiples of --seq_len.")
-flags.DEFINE_list("pairs", ["4", "8", "16", "32", "64"], "MQAR pairs scored at --seq_len.")
+flags.DEFINE_list("pairs", ["4", "8", "16", "32"], "MQAR pairs scored at --seq_len.")
 flags.DEFINE_integer("spread_pairs", 16, "Spread MQAR: pairs per sequence (fewer where the "
                      "length holds fewer chunks).")
 flags.DEFINE_multi_string("set", [], "SECTION.FIELD=VALUE for every arm's config (not the gate).")
@@ -97,7 +98,7 @@ def main(argv):
   gate_acc, gate_ok = gate(out, log) if not FLAGS.skip_gate else (None, None)
 
   sets = score.eval_sets(T, FLAGS.examples, 12345, vocab, pairs=pairs, multiples=multiples,
-                         spread_pairs=FLAGS.spread_pairs)
+                         spread_pairs=FLAGS.spread_pairs, chunk=runs.CHUNK)
   results, best_lr, val = {}, {}, {}
   for arm in FLAGS.arms:
     t0 = time.time()
@@ -131,7 +132,7 @@ def main(argv):
   report.table(results, columns, mqar_rows, f"MQAR by pairs at the training length {T} "
                f"(answer accuracy; chance 1/N within the sequence, 1/{vocab.n_values} overall)",
                log)
-  spread_n = {m: score.spread_pairs_at(T, m, FLAGS.spread_pairs) for m in multiples}
+  spread_n = {m: score.spread_pairs_at(T, m, FLAGS.spread_pairs, runs.CHUNK) for m in multiples}
   report.table(results, columns, long_rows, "spread MQAR (pairs per length: " + ", ".join(
       f"{m}x {n}" for m, n in spread_n.items()) + ") and a 4-token passkey, beyond the "
       "training length (state carried across pieces)", log)

@@ -54,7 +54,7 @@ def accuracy(model, variables, batch, piece):
 
 
 def eval_sets(train_len, examples, seed, vocab, pairs=(4, 8, 16, 32, 64), multiples=(1, 4, 16),
-              spread_pairs=16, chunk=16, key_len=4):
+              spread_pairs=16, chunk=8, key_len=4):
   """{name: (tasks batch, what it is)} of fresh held-out sequences: MQAR by pairs at the
   training length; spread MQAR and passkey at each multiple of it."""
   rng = np.random.default_rng([seed, 7919])
@@ -70,7 +70,7 @@ def eval_sets(train_len, examples, seed, vocab, pairs=(4, 8, 16, 32, 64), multip
   return out
 
 
-def spread_pairs_at(train_len, m, spread_pairs=16, chunk=16):
+def spread_pairs_at(train_len, m, spread_pairs=16, chunk=8):
   return min(spread_pairs, m * train_len // chunk // 2 - 1)
 
 

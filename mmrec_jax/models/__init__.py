@@ -25,6 +25,8 @@ The module has the same surface for every model:
 - `logits(params, x_BTD)`: the head on final hidden states;
 - `without_memory_read(variables)`: the variables with the long-term memory's
   read-out zeroed (None for a model without one);
+- `with_memory_geometry(slots, levels)`: the model with another memory geometry
+  (the same parameters; None for a model without a memory);
 - `unstack(params) -> (model, params)`: the form decoding runs (may be itself).
 Its parameters carry logical axis names, with layers stacked on a leading
 `layers` axis.

@@ -204,6 +204,12 @@ class LanguageModel:
     del variables
     return None
 
+  def with_memory_geometry(self, slots, levels):
+    """This model with another long-term memory geometry (the parameters do not
+    depend on it), or None for a model without a memory."""
+    del slots, levels
+    return None
+
 
 def run_layers(block_cls, cfg, x, state, *args, unstacked=False, deterministic=True):
   """Applies `cfg.n_layers` blocks `block_cls(cfg, deterministic)(x, state_l, *args)`.

@@ -38,6 +38,9 @@ flags.DEFINE_integer("spread_pairs", 16, "Spread MQAR: pairs per sequence (fewer
                      "length holds fewer chunks).")
 flags.DEFINE_multi_string("set", [], "SECTION.FIELD=VALUE for every arm's config (not the gate).")
 flags.DEFINE_bool("skip_gate", False, "Do not train or score the gate.")
+flags.DEFINE_list("geometries", [], "SLOTS:LEVELS, ...: also score every arm with a memory "
+                  "with these memory geometries (the same trained parameters): does recall "
+                  "fail for want of room?")
 flags.DEFINE_string("out", "runs/recall", "Output folder (one workdir per run, recall.png, "
                     "recall.json).")
 flags.DEFINE_bool("json", False, "Print the results as one JSON object on the last line.")
@@ -87,6 +90,13 @@ def main(argv):
     raise UsageError(f"--lrs: numbers expected, got {','.join(FLAGS.lrs)}") from None
   if not lrs or min(lrs) <= 0:
     raise UsageError("--lrs must list positive learning rates")
+  try:
+    geometries = [tuple(int(x) for x in g.split(":")) for g in FLAGS.geometries]
+  except ValueError:
+    geometries = [()]
+  if any(len(g) != 2 or min(g) < 1 for g in geometries):
+    raise UsageError(f"--geometries={','.join(FLAGS.geometries)}: SLOTS:LEVELS pairs of "
+                     "positive integers expected, e.g. 64:2,32:3")
   overrides = config_lib.parse_overrides(FLAGS.set)
   out = FLAGS.out
   os.makedirs(out, exist_ok=True)
@@ -118,8 +128,13 @@ def main(argv):
       off = model.without_memory_read(variables)
       if off is not None:
         forms[f"{arm}/read_off"] = off
-      for name, v in forms.items():
-        for row, acc in score.score_all(model, v, sets, T).items():
+      forms = {name: (model, v) for name, v in forms.items()}
+      for slots, levels in geometries:
+        other = model.with_memory_geometry(slots, levels)
+        if other is not None:
+          forms[f"{arm}@{slots}x{levels}"] = (other, variables)
+      for name, (m, v) in forms.items():
+        for row, acc in score.score_all(m, v, sets, T).items():
           results.setdefault(name, {}).setdefault(row, []).append(acc)
     log(f"  {arm}: best learning rate {best:g} (held-out answer accuracy by lr: "
         + ", ".join(f"{lr:g} {mean_val[lr]:.3f}" for lr in lrs) + f") [{time.time() - t0:.0f}s]")

@@ -91,6 +91,14 @@ class MMRec(layers.LanguageModel, nn.Module):
       per_layer += 2 * 2 * D * hid
     return float(L * per_layer + 2 * D * V)
 
+  def with_memory_geometry(self, slots, levels):
+    """This model with `levels` levels of `slots` slots (its parameters fit any
+    geometry): what the trained memory does with more or less room."""
+    if not self.cfg.mem_levels:
+      return None
+    cfg = self.cfg.replace(mem_slots=slots, mem_levels=levels)
+    return type(self)(cfg, unstacked=self.unstacked, parent=None)
+
   def without_memory_read(self, variables):
     """The variables with the memory's read-out (`memory/out`) zeroed: the memory is
     written and read as before, but what it reads no longer reaches the block."""

@@ -196,3 +196,20 @@ def test_lr_scales_of_the_memory():
   assert models.build(dict(cfg, mem_lr_scale=0.5, mem_levels=0)).lr_scales() == {}
   with pytest.raises(ConfigError, match="mem_lr_scale"):
     models.build(dict(cfg, mem_lr_scale=-1))
+
+
+def test_another_memory_geometry_runs_the_same_parameters(all_on):
+  """`with_memory_geometry`: the trained parameters with more room. While every chunk
+  fits level 0, the geometry does not change the function; the shipped 2 slots x 3
+  levels pool chunks, and change it."""
+  model, params, apply = all_on
+  toks = _tokens(2, 24, seed=9)           # 6 chunks of 4
+  base, _, _ = apply(params, toks, model.init_state(2), None)
+  outs = []
+  for slots, levels in ((8, 1), (16, 2)):
+    m = model.with_memory_geometry(slots, levels)
+    assert (m.cfg.mem_slots, m.cfg.mem_levels) == (slots, levels)
+    outs.append(m.apply({"params": params}, toks, state=m.init_state(2))[0])
+  np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+  assert float(jnp.abs(outs[0] - base).max()) > 1e-4
+  assert models.build(NOMEM).with_memory_geometry(8, 1) is None

@@ -6,9 +6,14 @@ carried into the grown model, so training continues instead of restarting.
 Every Adam state (`optax.ScaleByAdamState`) in the tree has its first and second
 moments grown by the parameters' own maps (`expander.grow_params(mode=...)`):
 copied units share their moments; a split input axis divides the first moment
-like the parameter and the second by the square (an update of the copies then
-sums to the small model's update); inserted identity blocks and new vocabulary
-rows start at zero; parameters the small model lacks start at zero. Step counts
+like the parameter and the second by the square, so each copy's normalised
+update m / sqrt(v) is the small model's (the k copies of a unit together then
+move the function k times as far as the small model's step: Adam is not
+width-invariant); inserted identity blocks and new vocabulary rows start at
+zero, and so do parameters the small model lacks (with the step count kept,
+Adam's bias correction is then ~1, so their first updates are several times
+the learning rate: a likely cause of the loss rise right after growth,
+docs/experiments/growth.md). Step counts
 (Adam's bias correction, the schedule's position) are kept. Everything else in the
 state (clipping, masks) has no per-parameter values and is taken from
 `big_template`, a fresh `tx.init` of the big parameters.

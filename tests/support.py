@@ -132,3 +132,10 @@ def boxed_param_tree():
                      "gate_decay": {"w": box((2, 32, 32), ("layers", "embed", "kv"))},
                      "lam": box((2, 32), ("layers", "embed")),
                      "mem": {"kernel": box((2, 30, 30), ("layers", "kv", "kv_out"))}}}
+
+
+def run_module(*args, stdin=None, timeout=120):
+  """`python -m ARGS` from the repository on CPU: the finished process (output captured)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                        cwd=REPO, env=env, input=stdin, timeout=timeout, check=False)

@@ -1,7 +1,6 @@
 """Every command's errors: one `error: ...` line on stderr, never a traceback, exit 2
 for bad input (flags, config, overrides, data, a folder to load); `--help` exits 0."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -9,12 +8,9 @@ import sys
 import pytest
 
 from tests.support import REPO, TINY
+from tests.support import run_module as _cli
 from tests.support import one_device_env as _env
 
-def _cli(*args, stdin=None):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                        cwd=REPO, env=env, input=stdin, timeout=120, check=False)
 
 
 def _popen(args, **kw):

@@ -1,19 +1,12 @@
 """`python -m mmrec_jax.evaluate --json`: the library's metrics, as one JSON line."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from mmrec_jax.inference import evaluation as eval_lib
-from tests.support import REPO
+from tests.support import run_module as _cli
 
-def _cli(*args, stdin=None):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                        cwd=REPO, env=env, input=stdin, timeout=120, check=False)
 
 
 @pytest.mark.slow

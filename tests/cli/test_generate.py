@@ -14,12 +14,9 @@ from mmrec_jax import errors
 from mmrec_jax import generate as gen_lib
 from mmrec_jax.io import loading
 from tests.support import REPO
+from tests.support import run_module as _cli
 from tests.support import one_device_env as _env
 
-def _cli(*args, stdin=None):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                        cwd=REPO, env=env, input=stdin, timeout=120, check=False)
 
 
 @pytest.mark.slow

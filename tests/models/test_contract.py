@@ -154,12 +154,16 @@ def test_a_packed_document_gives_what_it_gives_alone(any_case):
   packed, s_packed = case.run(toks, reset=r)
   alone, s_alone = case.run(toks[:, start:], reset=r[:, start:])
   np.testing.assert_allclose(packed[:, start:], alone, atol=2e-5, rtol=1e-5)
-  more = _tokens(2, 8, seed=4)
-  a, _ = case.run(more, s_packed)
-  b, _ = case.run(more, s_alone)
-  np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+  _same_state(case, s_packed, s_alone, _tokens(2, 8, seed=4))
+
+
+def _same_state(case, s1, s2, more):
+  """Two decoding states continue the same on `more` tokens (and are equal)."""
+  x, _ = case.run(more, s1)
+  y, _ = case.run(more, s2)
+  np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-5)
   if case.carries_state:
-    close_trees(s_packed, s_alone)
+    close_trees(s1, s2)
 
 
 def test_a_left_padded_batch_row_gives_what_it_gives_alone(any_case):
@@ -175,12 +179,7 @@ def test_a_left_padded_batch_row_gives_what_it_gives_alone(any_case):
     alone, s_alone = case.run(jnp.asarray(t1), reset=jnp.asarray(r1))
     n = len(p) + 1
     np.testing.assert_allclose(batch[b:b + 1, -n:], alone, atol=2e-5, rtol=1e-5)
-    s_row = jax.tree.map(lambda x: x[:, b:b + 1], s_batch)
-    x, _ = case.run(more, s_row)
-    y, _ = case.run(more, s_alone)
-    np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-5)
-    if case.carries_state:
-      close_trees(s_row, s_alone)
+    _same_state(case, jax.tree.map(lambda x: x[:, b:b + 1], s_batch), s_alone, more)
 
 
 # ----------------------------------------------------------------------------- streaming

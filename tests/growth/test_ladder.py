@@ -36,32 +36,39 @@ def run_config(corpus, vocab, **kw):
 
 @pytest.mark.slow
 def test_grow_then_train_and_the_ladder_resumes(corpus, tmp_path):
+  """A run grown across vocabularies keeps its function and old token ids; in a
+  `carry` ladder the grown stage starts where stage 0 stopped (its step count goes
+  on, 2 -> 4, its first step at its peak learning rate: no re-warmup); a finished
+  stage is skipped, and a rerun skips both."""
   devices = jax.devices()[:1]
-  small = run_config(corpus, 270)
-  loop.run(small, str(tmp_path / "tiny"), devices=devices, quiet=True)
-  big = run_config(corpus, 290, **{"model.d_model": 32, "model.n_layers": 3})
-  diff = grow_workdir_lib.grow_workdir(str(tmp_path / "tiny"), big, str(tmp_path / "mini"), noise=0.05,
-                           log=lambda *a: None, devices=devices)
+  over = [f"{k}={v}" for k, v in {**RUN, "data.path": corpus}.items()]
+  small, big = ladder.stage_configs(
+      [TINY] * 2, [2, 2], over, recipe="carry",
+      stage_overrides=["0:model.vocab_size=270", "1:model.vocab_size=290",
+                       "1:model.d_model=32", "1:model.n_layers=3"])
+  dirs = [str(tmp_path / "tiny"), str(tmp_path / "mini")]
+  loop.run(small, dirs[0], devices=devices, quiet=True)
+  opts = {k: v for k, v in ladder.RECIPES["carry"].items()}
+  diff = grow_workdir_lib.grow_workdir(dirs[0], big, dirs[1], noise=0.05, log=lambda *a: None,
+                                       devices=devices, **opts)
   assert diff < TOL
   tok = tokenizer_lib.load_tokenizer(str(tmp_path / "mini" / "tokenizer.json"))
   old = tokenizer_lib.load_tokenizer(str(tmp_path / "tiny" / "tokenizer.json"))
   grow_workdir_lib.check_extends(old, tok, "grown")
   with pytest.raises(Exception, match="is not empty"):
-    grow_workdir_lib.grow_workdir(str(tmp_path / "tiny"), big, str(tmp_path / "mini"))
-  # the ladder: a finished stage is skipped, a grown-but-untrained stage is trained
-  # (the grown stage is trained once, here: one compile of the bigger model)
-  stages = [small, big]
-  dirs = [str(tmp_path / "tiny"), str(tmp_path / "mini")]
-  out = ladder.run_ladder(stages, dirs, noise=0.05, log=lambda *a: None, devices=devices,
-                               quiet=True)
+    grow_workdir_lib.grow_workdir(dirs[0], big, dirs[1])
+  # the ladder: the finished stage is skipped, the grown-but-untrained one trained
+  out = ladder.run_ladder([small, big], dirs, log=lambda *a: None, devices=devices, quiet=True,
+                          recipe="carry")
   assert [o["skipped"] for o in out] == [True, False]
-  assert out[1]["step"] == 2 and out[1]["reason"] == "done"
+  assert out[1]["step"] == 4 and out[1]["reason"] == "done"
   with open(tmp_path / "mini" / "metrics.jsonl") as f:
-    losses = [r["loss"] for r in map(json.loads, f) if r.get("split") == "train" and "loss" in r]
-  assert losses and all(np.isfinite(losses))
-  assert ckpt_lib.restore_params(dirs[1], "latest")[1] == 2
-  out = ladder.run_ladder(stages, dirs, noise=0.05, log=lambda *a: None, devices=devices,
-                               quiet=True)
+    train = [r for r in map(json.loads, f) if r.get("split") == "train" and "loss" in r]
+  assert train and all(np.isfinite([r["loss"] for r in train]))
+  assert train[0]["step"] == 3 and train[0]["lr"] == pytest.approx(big.train.lr)
+  assert ckpt_lib.restore_params(dirs[1], "latest")[1] == 4
+  out = ladder.run_ladder([small, big], dirs, log=lambda *a: None, devices=devices, quiet=True,
+                          recipe="carry")
   assert [o["skipped"] for o in out] == [True, True]
 
 
@@ -88,22 +95,3 @@ def test_one_vocabulary_gives_every_stage_the_last_stages_tokenizer(corpus, tmp_
   assert {c.data.tokenizer for c in one} == {str(tmp_path / "tokenizer.json")}
   assert tokenizer_lib.load_tokenizer(one[0].data.tokenizer).get_vocab_size() == 290
   assert ladder.one_vocabulary(one, str(tmp_path / "again")) == one   # named: unchanged
-
-
-@pytest.mark.slow
-def test_carry_ladder_continues_the_optimizer_and_schedule(corpus, tmp_path):
-  """Stage 1 of a `carry` ladder starts where stage 0 stopped: its step count goes
-  on (2 -> 4), and its first step runs at its peak learning rate (no re-warmup)."""
-  devices = jax.devices()[:1]
-  over = [f"{k}={v}" for k, v in {**RUN, "data.path": corpus, "train.lr": 1e-3,
-                                  "model.vocab_size": 290}.items()]
-  configs = ladder.stage_configs([TINY] * 2, [2, 2], over, recipe="carry",
-                                 stage_overrides=["1:model.d_model=32"])
-  configs = ladder.one_vocabulary(configs, str(tmp_path), log=lambda *a: None)
-  dirs = [str(tmp_path / "0"), str(tmp_path / "1")]
-  out = ladder.run_ladder(configs, dirs, log=lambda *a: None, devices=devices, quiet=True,
-                          recipe="carry")
-  assert out[1]["step"] == 4 and out[1]["reason"] == "done" and out[1]["grow_logit_diff"] < TOL
-  with open(tmp_path / "1" / "metrics.jsonl") as f:
-    train = [r for r in map(json.loads, f) if r.get("split") == "train" and "lr" in r]
-  assert train[0]["step"] == 3 and train[0]["lr"] == pytest.approx(1e-3)

@@ -19,7 +19,9 @@ with its warmup-stable-decay schedule fully decayed:
   `carry`: AdamW's moments and step count grown with the parameters, the ladder's
   schedule continued from the small run's step (minus `--rewind`);
   `stack`: `carry`, with depth grown by stacking the trained layers instead of
-  identity blocks.
+  identity blocks;
+  `carry_nb`: `carry`, an inserted block's second moments copied from the block it
+  copies (zero in `carry`).
 
 Saving = 1 - FLOPs(small + grown) / FLOPs(scratch) at the target: from each arm's
 final bits per byte against its FLOPs, interpolated between budgets (a bound when
@@ -59,6 +61,9 @@ ARMS = {
     "restart": dict(optimizer="fresh", schedule="restart", depth="identity"),
     "carry": dict(optimizer="carry", schedule="continue", depth="identity"),
     "stack": dict(optimizer="carry", schedule="continue", depth="stack"),
+    # carry, an inserted block's second moments copied from its neighbour's
+    "carry_nb": dict(optimizer="carry", schedule="continue", depth="identity",
+                     new_moments="neighbour"),
 }
 DECAY = 0.2   # every run's decay: the last fifth of its own big-model steps
 
@@ -255,7 +260,8 @@ def main(argv):
                                     "noise", "rewarmup", "rewind", "seeds", "set", "small_set",
                                     "big_set")}}, f,
               indent=1)
-  styles = {"scratch": "k-", "small": "g:", "restart": "r--", "carry": "b-", "stack": "m-"}
+  styles = {"scratch": "k-", "small": "g:", "restart": "r--", "carry": "b-", "stack": "m-",
+            "carry_nb": "c-"}
   series = {f"{name} s{seed}": ([p[0] for p in pts], [p[1] for p in pts],
                                 styles[name.split()[0]] + "o")
             for seed, curves in all_curves.items() for name, pts in curves.items()}

@@ -32,13 +32,22 @@ import optax
 from mmrec_jax.growth import expander
 
 
+NEW_MOMENTS = ("zero", "neighbour")
+
+
 def _is_adam(x):
   return isinstance(x, optax.ScaleByAdamState)
 
 
 def grow_opt_state(small_opt, small_cfg, big_cfg, big_template, depth="identity",
-                   vocab_pieces=None, allow_inexact=False):
-  """The big model's optimizer state from the small model's (see the module docstring)."""
+                   vocab_pieces=None, allow_inexact=False, new_moments="zero"):
+  """The big model's optimizer state from the small model's (see the module docstring).
+  `new_moments="neighbour"`: an inserted identity block's second moment is that of
+  the block it copies (its first moment still zero), so its first updates are about
+  the learning rate's size instead of several times it."""
+  if new_moments not in NEW_MOMENTS:
+    raise ValueError(f"new_moments={new_moments!r}: use one of {', '.join(NEW_MOMENTS)}")
+  nu_mode = "nu_neighbour" if new_moments == "neighbour" else "nu"
   small_nodes = jax.tree.leaves(small_opt, is_leaf=_is_adam)
   big_nodes, treedef = jax.tree.flatten(big_template, is_leaf=_is_adam)
   if len(small_nodes) != len(big_nodes):
@@ -51,7 +60,8 @@ def grow_opt_state(small_opt, small_cfg, big_cfg, big_template, depth="identity"
   for s, b in zip(small_nodes, big_nodes):
     if _is_adam(b):
       out.append(optax.ScaleByAdamState(
-          count=jnp.asarray(s.count, b.count.dtype), mu=grow(s.mu, "mu"), nu=grow(s.nu, "nu")))
+          count=jnp.asarray(s.count, b.count.dtype), mu=grow(s.mu, "mu"),
+          nu=grow(s.nu, nu_mode)))
     elif hasattr(b, "shape") and hasattr(s, "shape") and b.shape == s.shape == ():
       out.append(jnp.asarray(s, b.dtype))   # a count: the position continues
     else:

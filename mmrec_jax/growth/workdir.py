@@ -97,7 +97,7 @@ def _restore_small(from_workdir, old_cfg, checkpoint, devices):
 
 def grow_workdir(from_workdir, config, workdir, noise=0.05, allow_inexact=False,
                  checkpoint="best", seed=0, log=print, devices=None, optimizer="fresh",
-                 schedule="restart", rewind=0, depth="identity"):
+                 schedule="restart", rewind=0, depth="identity", new_moments="zero"):
   """Writes a ready-to-train `workdir` for `config` grown from `from_workdir`'s
   checkpoint, and returns the max logit difference measured on validation text.
 
@@ -145,7 +145,8 @@ def grow_workdir(from_workdir, config, workdir, noise=0.05, allow_inexact=False,
   state = ts_lib.create(s, init_from=params)
   if optimizer == "carry":
     opt = grow_opt_state(small_opt, small, big, state.opt_state, depth=depth,
-                         vocab_pieces=pieces, allow_inexact=allow_inexact)
+                         vocab_pieces=pieces, allow_inexact=allow_inexact,
+                         new_moments=new_moments)
     opt = jax.tree.map(lambda x: jnp.asarray(start, x.dtype) if getattr(x, "shape", None) == ()
                        and jnp.issubdtype(x.dtype, jnp.integer) else x, opt)   # counts
     state = state.replace(opt_state=jax.device_put(opt, s.state_sharding.opt_state))

@@ -145,7 +145,7 @@ def _vocab_matrix(V, Vn, vocab_pieces):
   return A
 
 
-MODES = ("params", "mu", "nu")
+MODES = ("params", "mu", "nu", "nu_neighbour")
 
 
 def _grow_leaf(x, names, path, small, big, maps, key, noise, mode="params"):

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import optax
 from flax import linen as nn
 
@@ -93,6 +94,18 @@ def test_moments_follow_the_parameters_maps():
                              atol=1e-7)
   np.testing.assert_allclose(np.asarray(nu_b[0][:, :16]), np.asarray(nu_s[0][src][:, :16]) / 4,
                              rtol=1e-5, atol=1e-12)
+  # new_moments="neighbour": the inserted block's second moments are its neighbour's
+  # (its first moments still zero); the old blocks' are unchanged
+  nb = gopt.grow_opt_state(so, sc.model, bc.model, btx.init(bp), new_moments="neighbour")
+  nb_adam = [x for x in jax.tree.leaves(nb, is_leaf=gopt._is_adam) if gopt._is_adam(x)][0]  # pylint: disable=protected-access
+  for name in ("mix_out", "fused"):
+    nu = nb_adam.nu["blocks"][name]["kernel"]
+    np.testing.assert_array_equal(np.asarray(nu[2]), np.asarray(nu[1]))
+    np.testing.assert_array_equal(np.asarray(nu[:2]),
+                                  np.asarray(b_adam.nu["blocks"][name]["kernel"][:2]))
+    assert float(jnp.abs(nb_adam.mu["blocks"][name]["kernel"][2]).max()) == 0.0
+  with pytest.raises(ValueError, match="new_moments"):
+    gopt.grow_opt_state(so, sc.model, bc.model, btx.init(bp), new_moments="other")
 
 
 def test_stacking_repeats_the_trained_stack():

@@ -146,6 +146,8 @@ def _vocab_matrix(V, Vn, vocab_pieces):
 
 
 MODES = ("params", "mu", "nu", "nu_neighbour")
+NU_MODES = ("nu", "nu_neighbour")   # second moments (scaled by squares); nu_neighbour keeps an
+                                    # inserted block's copied values instead of zeroing them
 
 
 def _grow_leaf(x, names, path, small, big, maps, key, noise, mode="params"):
@@ -155,15 +157,15 @@ def _grow_leaf(x, names, path, small, big, maps, key, noise, mode="params"):
   second by the square; inserted blocks and new vocabulary rows start at zero."""
   x = x.astype(jnp.float32)
   dims = list(names)
-  power = 2 if mode in ("nu", "nu_neighbour") else 1
+  power = 2 if mode in NU_MODES else 1
   # depth
   if "layers" in dims:
     ax = dims.index("layers")
     src = np.array([s for s, _ in maps["layers"]])
     x = jnp.take(x, src, axis=ax)
     writers = rules(big).residual_writers(big) if rules(big) else ()
-    if (mode not in ("params", "nu_neighbour")   # nu_neighbour: the copied block's nu
-        or any(path.endswith("/" + w) or path == w for w in writers) and mode == "params"):
+    writer = any(path.endswith("/" + w) or path == w for w in writers)
+    if mode in ("mu", "nu") or (mode == "params" and writer):   # new blocks: zeroed
       keep = np.array([0.0 if new else 1.0 for _, new in maps["layers"]], np.float32)
       x = x * keep.reshape([-1 if i == ax else 1 for i in range(x.ndim)])
   # vocab
@@ -239,7 +241,7 @@ def _grow_tree(small_params, small, big, key, noise, vocab_pieces, mode="params"
       out[path] = (fresh[path] if mode == "params" else jnp.zeros(want.shape)).astype(want.dtype)
       continue
     x = _grow_leaf(small_flat[path], leaf.names, path, small, big, maps, wkey, noise, mode)
-    for _ in range(2 if mode in ("nu", "nu_neighbour") else 1):   # squared for nu
+    for _ in range(2 if mode in NU_MODES else 1):   # scalings of a moment: squared for nu
       if path == g.tied_head_norm and big.d_model != small.d_model:
         count = np.bincount(maps["width"], minlength=small.d_model)[maps["width"]]
         x = x / count.astype(np.float32)

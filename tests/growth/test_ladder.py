@@ -48,7 +48,7 @@ def test_grow_then_train_and_the_ladder_resumes(corpus, tmp_path):
                        "1:model.d_model=32", "1:model.n_layers=3"])
   dirs = [str(tmp_path / "tiny"), str(tmp_path / "mini")]
   loop.run(small, dirs[0], devices=devices, quiet=True)
-  opts = {k: v for k, v in ladder.RECIPES["carry"].items()}
+  opts = dict(ladder.RECIPES["carry"])
   diff = grow_workdir_lib.grow_workdir(dirs[0], big, dirs[1], noise=0.05, log=lambda *a: None,
                                        devices=devices, **opts)
   assert diff < TOL

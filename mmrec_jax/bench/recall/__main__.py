@@ -90,13 +90,11 @@ def main(argv):
     raise UsageError(f"--lrs: numbers expected, got {','.join(FLAGS.lrs)}") from None
   if not lrs or min(lrs) <= 0:
     raise UsageError("--lrs must list positive learning rates")
-  try:
-    geometries = [tuple(int(x) for x in g.split(":")) for g in FLAGS.geometries]
-  except ValueError:
-    geometries = [()]
-  if any(len(g) != 2 or min(g) < 1 for g in geometries):
+  geometries = [g.split(":") for g in FLAGS.geometries]
+  if not all(len(g) == 2 and all(x.isdigit() and int(x) >= 1 for x in g) for g in geometries):
     raise UsageError(f"--geometries={','.join(FLAGS.geometries)}: SLOTS:LEVELS pairs of "
                      "positive integers expected, e.g. 64:2,32:3")
+  geometries = [(int(s), int(n)) for s, n in geometries]
   overrides = config_lib.parse_overrides(FLAGS.set)
   out = FLAGS.out
   os.makedirs(out, exist_ok=True)

@@ -2,6 +2,8 @@
 attention (the Flax module; the memory's math is `memory.py`)."""
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -73,6 +75,15 @@ class HDSMemory(nn.Module):
                    if shifted else summ_BKD)
       return jnp.concatenate([key(ksumm_BKD), value(summ_BKD)], axis=-1).astype(jnp.float32)
 
+    # No memory in the state: the call starts every row at a document start with
+    # an empty memory, known when tracing (the model's call without a state), so
+    # the closed-form writes skip the empty memory's entries.
+    fresh = state.memory is None
+    memory0 = state.memory
+    if fresh:
+      one = mem_lib.empty_memory(cfg.mem_levels, cfg.mem_slots, 2 * D)
+      memory0 = jax.tree_util.tree_map(lambda v: jnp.broadcast_to(v, (B,) + v.shape), one)
+      state = state.replace(memory=memory0)
     if T == 1 and not self.is_initializing():
       return _decode_one(cfg, h_BTD[:, 0], q_BTD[:, 0], x_BTD[:, 0], w_BT[:, 0], reset_BT[:, 0],
                          state, summarise_kv, out, scale_H, sink)
@@ -108,8 +119,8 @@ class HDSMemory(nn.Module):
     # Each write's document (-1: the carried one) and chunk index in it.
     doc_BK = jnp.take_along_axis(last_reset_BT, end_BK, axis=1)
     chunk_BK = jnp.take_along_axis(pos_BT, end_BK, axis=1) // cfg.chunk_size
-    m_BKMX, valid_BKM, final = jax.vmap(mem_lib.write_groups)(
-        state.memory, state.pos // cfg.chunk_size, kv_BKX, acc_BKX[..., -1], end_valid_BK,
+    m_BKMX, valid_BKM, final = jax.vmap(functools.partial(mem_lib.write_groups, fresh=fresh))(
+        memory0, state.pos // cfg.chunk_size, kv_BKX, acc_BKX[..., -1], end_valid_BK,
         doc_BK, chunk_BK)
     K1, M = m_BKMX.shape[1:3]
     heads = lambda x: layers.constrain(x.astype(dt).reshape(B, K1, M, H, D // H),

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 
@@ -135,7 +136,7 @@ def chunk_events(pos_T, last_reset_T, chunk):
   return end_K, end_valid_K, k_T, cleared_T, end_T
 
 
-def entry_blocks(n, levels, slots):
+def entry_blocks(n, levels, slots, xp=jnp):
   """Which chunks each readable entry holds after `n` writes into an empty memory.
 
   The structure is a function of the count alone: level 0 holds the last S
@@ -146,10 +147,11 @@ def entry_blocks(n, levels, slots):
   level l's pending slot holds level l-1's last evicted item when V_{l-1} is odd.
   `n`: int array of any shape; returns (lo, hi, valid), each [..., M] in the
   order of `readable` (all slots level by level, then the pending slots of
-  levels 1..L-1): entry m pools chunks [lo, hi) when valid.
+  levels 1..L-1): entry m pools chunks [lo, hi) when valid. `xp`: jnp, or np
+  for a count known when tracing.
   """
-  n = jnp.asarray(n, jnp.int32)[..., None]
-  s_S = jnp.arange(slots, dtype=jnp.int32)
+  n = xp.asarray(n, xp.int32)[..., None]
+  s_S = xp.arange(slots, dtype=xp.int32)
   los, his, oks, plos, phis, poks = [], [], [], [], [], []
   entered = n
   for l in range(levels):
@@ -157,14 +159,22 @@ def entry_blocks(n, levels, slots):
     los.append(i << l)
     his.append((i + 1) << l)
     oks.append(i >= 0)
-    evicted = jnp.maximum(entered - slots, 0)
+    evicted = xp.maximum(entered - slots, 0)
     if l + 1 < levels:   # level l+1's pending slot: level l's last evicted item, if unpaired
       plos.append((evicted - 1) << l)
       phis.append(evicted << l)
       poks.append(evicted % 2 == 1)
     entered = evicted // 2
-  cat = lambda xs: jnp.concatenate(xs, axis=-1)
+  cat = lambda xs: xp.concatenate(xs, axis=-1)
   return cat(los + plos), cat(his + phis), cat(oks + poks)
+
+
+def reachable(k, levels, slots):
+  """Indices (numpy, in `readable`'s order) of the entries that up to `k` writes
+  into an empty memory can fill: the level-0 slots up to k, and the coarser
+  entries only once level 0 has evicted."""
+  _, _, ok = entry_blocks(np.arange(k + 1), levels, slots, xp=np)
+  return np.flatnonzero(ok.any(axis=0))
 
 
 def _after_writes(k, valid_K, chunk_K, doc_K, n0, doc0):
@@ -176,7 +186,7 @@ def _after_writes(k, valid_K, chunk_K, doc_K, n0, doc0):
           jnp.where(last >= 0, doc_K[at], doc0))
 
 
-def write_chunks(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K, doc0=-1):
+def write_chunks(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K, doc0=-1, fresh=False):
   """The memory after each of K chunk writes, in closed form (no loop over writes).
 
   `mem0` holds the memory of document `doc0` (-1: the carried one) after `n0`
@@ -191,6 +201,12 @@ def write_chunks(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K, doc0=-1):
   Returns the readable entries [K+1, M, X] and their mask [K+1, M] of every
   snapshot (snapshot 0 is `mem0`; snapshot k follows write k, or the last valid
   write), and the memory after the last valid write.
+
+  `fresh` (a Python bool): `mem0` is known to be empty at write count 0 (a call
+  without a carried state). Its entries are then not summed, and the snapshots
+  hold only the R <= M entries that K writes can fill (`reachable`): training
+  windows of a few chunks cost the same whatever the memory's size. The final
+  memory keeps the full layout.
   """
   levels, slots, width = mem0.slots.shape
   K = kv_KX.shape[0]
@@ -200,15 +216,19 @@ def write_chunks(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K, doc0=-1):
   mv0 = jnp.concatenate([(mem0.slots * mem0.mass[..., None]).reshape(-1, width), mem0.pend])
   m0 = jnp.concatenate([mem0.mass.reshape(-1), mem0.pend_mass])
   mass_K = jnp.maximum(mass_K, MIN_MASS)
-  src_lo = jnp.concatenate([lo0, chunk_K])
-  src_hi = jnp.concatenate([hi0, chunk_K + 1])
-  src_ok = jnp.concatenate([alive0, valid_K])
-  src_doc = jnp.concatenate([jnp.full(lo0.shape, doc0, doc_K.dtype), doc_K])
-  src_mv = jnp.concatenate([mv0, mass_K[:, None] * kv_KX])
-  src_m = jnp.concatenate([m0, mass_K])
+  src_lo, src_hi, src_ok = chunk_K, chunk_K + 1, valid_K
+  src_doc, src_mv, src_m = doc_K, mass_K[:, None] * kv_KX, mass_K
+  if not fresh:
+    src_lo, src_hi = jnp.concatenate([lo0, src_lo]), jnp.concatenate([hi0, src_hi])
+    src_ok = jnp.concatenate([alive0, src_ok])
+    src_doc = jnp.concatenate([jnp.full(lo0.shape, doc0, doc_K.dtype), src_doc])
+    src_mv, src_m = jnp.concatenate([mv0, src_mv]), jnp.concatenate([m0, src_m])
   # Snapshots: 0 is mem0; k >= 1 follows the last valid write up to k.
   n_K1, doc_K1 = _after_writes(jnp.arange(K + 1), valid_K, chunk_K, doc_K, n0, doc0)
   lo, hi, ok = entry_blocks(n_K1, levels, slots)                        # [K+1, M]
+  if fresh:  # only the entries K writes can fill, of an empty memory (R of M)
+    keep = reachable(K, levels, slots)
+    lo, hi, ok = lo[:, keep], hi[:, keep], ok[:, keep]
   member = (ok[..., None] & src_ok & (src_doc == doc_K1[:, None, None])
             & (lo[..., None] <= src_lo) & (src_hi <= hi[..., None])).astype(jnp.float32)
   hp = jax.lax.Precision.HIGHEST
@@ -218,12 +238,18 @@ def write_chunks(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K, doc0=-1):
   m_KMX = mv_KMX / jnp.maximum(m_KM, MIN_MASS)[..., None]
   # The memory after the last write, in the layout `write` keeps.
   n_slots = levels * slots
+  mv_MX, m_M, valid_M = mv_KMX[-1], m_KM[-1], valid_KM[-1]
+  if fresh:   # the entries no write reached stay empty
+    full = lambda x, like: jnp.zeros((readable_slots(levels, slots),) + like.shape[1:],
+                                     like.dtype).at[keep].set(x)
+    mv_MX, m_M, valid_M = full(mv_MX, mv_MX), full(m_M, m_M), full(valid_M, valid_M)
+  m_MX = mv_MX / jnp.maximum(m_M, MIN_MASS)[:, None]
   final = Memory(
-      slots=m_KMX[-1, :n_slots].reshape(levels, slots, width),
-      valid=valid_KM[-1, :n_slots].reshape(levels, slots),
-      mass=m_KM[-1, :n_slots].reshape(levels, slots),
-      pend=mv_KMX[-1, n_slots:], pend_mass=m_KM[-1, n_slots:],
-      pend_n=valid_KM[-1, n_slots:].astype(jnp.int32))
+      slots=m_MX[:n_slots].reshape(levels, slots, width),
+      valid=valid_M[:n_slots].reshape(levels, slots),
+      mass=m_M[:n_slots].reshape(levels, slots),
+      pend=mv_MX[n_slots:], pend_mass=m_M[n_slots:],
+      pend_n=valid_M[n_slots:].astype(jnp.int32))
   return m_KMX, valid_KM, final
 
 
@@ -231,16 +257,17 @@ WRITE_GROUP = 32     # writes per closed-form step of `write_groups`
 PICK_BY_MATMUL = 33  # `attend` picks each window's snapshots by matmul up to this many
 
 
-def write_groups(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K, group=WRITE_GROUP):
+def write_groups(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K, group=WRITE_GROUP,
+                 fresh=False):
   """`write_chunks` for any number of writes: a scan over groups of `group`
   writes, each in closed form from the memory the previous group left. The
   closed form's cost grows with (writes)^2 (every snapshot against every
   source); in groups it is linear, and a window of up to `group` writes (2,048
   tokens in chunks of 64) takes one step, no loop. Same returns as
-  `write_chunks`."""
+  `write_chunks` (`fresh` saves work when the writes fit one group)."""
   K = kv_KX.shape[0]
   if K <= group:
-    return write_chunks(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K)
+    return write_chunks(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K, fresh=fresh)
   pad = (-K) % group
   padded = lambda x, v: jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], v, x.dtype)])
   xs = (padded(kv_KX, 0), padded(mass_K, 1), padded(valid_K, False), padded(doc_K, -1),

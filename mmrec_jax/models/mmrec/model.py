@@ -115,8 +115,10 @@ class MMRec(layers.LanguageModel, nn.Module):
                head=True):
     cfg = self.cfg
     B, T = tokens_BT.shape
-    if state is None:
+    if state is None:  # document starts; the memory left out: HDSMemory makes it empty
       state = self.init_state(B)
+      if cfg.mem_levels:
+        state = state.replace(memory=None)
     reset_BT = jnp.zeros((B, T), bool) if reset is None else reset.astype(bool)
     embed_VD = layers.embedding(self, cfg)
     x_BTD = layers.embed_tokens(embed_VD, tokens_BT, cfg)

@@ -111,6 +111,32 @@ def test_all_writes_at_once_equal_the_writes_in_order(levels, slots, group):
                                rtol=1e-5, atol=1e-5, err_msg=field)
 
 
+def test_writes_into_a_memory_known_empty_equal_the_general_form():
+  """`fresh=True` (the model's call without a state) skips the empty memory's
+  entries and gives the same snapshots and final memory, past every level's
+  capacity and across a document start."""
+  levels, slots, W, K = 3, 2, 5, 12
+  rng = np.random.default_rng(0)
+  args = (mem_lib.empty_memory(levels, slots, W), jnp.int32(0),
+          jnp.asarray(rng.normal(size=(K, W)), jnp.float32),
+          jnp.asarray(rng.uniform(0.01, 5.0, size=K), jnp.float32),
+          jnp.asarray(np.arange(K) < 11), jnp.asarray([0] * 8 + [64] * 4),
+          jnp.asarray(list(range(8)) + list(range(4))))
+  m_KMX, valid_KM, final = jax.jit(mem_lib.write_chunks)(*args)
+  f_KRX, fvalid_KR, ffinal = jax.jit(functools.partial(mem_lib.write_chunks, fresh=True))(*args)
+  keep = mem_lib.reachable(K, levels, slots)
+  assert bool(np.asarray(valid_KM).any(axis=0)[slots:levels * slots].any())  # coarse levels used
+  # the snapshots hold the reachable entries only; no other entry is ever valid
+  assert f_KRX.shape[1] == len(keep) < mem_lib.readable_slots(levels, slots) or K > 2 ** levels
+  assert not np.delete(np.asarray(valid_KM), keep, axis=1).any()
+  np.testing.assert_array_equal(np.asarray(fvalid_KR), np.asarray(valid_KM)[:, keep])
+  np.testing.assert_allclose(np.asarray(f_KRX), np.asarray(m_KMX)[:, keep], rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(final), jax.tree_util.tree_leaves(ffinal)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=1e-6, atol=1e-6)
+  assert len(mem_lib.reachable(3, 3, 64)) == 3   # 3 writes into 64 slots: 3 entries
+
+
 def test_a_salient_chunk_survives_merging_with_filler():
   """A chunk of high mass keeps its summary through merges with low-mass chunks."""
   L, S, W = 4, 1, 3

@@ -25,8 +25,10 @@ GATE_TASK = "mqar:mix=16x4+64x4"
 # Every arm at recall scale: MM-Rec's design at a width and depth that learn these
 # tasks within the benchmark's budget on a CPU (the memory's chunks match the spread
 # task's); the Transformer at the same width and depth.
-# The memory: chunks of CHUNK, 3 levels of 32 slots (32 chunks at full resolution,
-# then pools of 2 and 4: 224 chunks, 14x the training length), each chunk keyed by
+# The memory: chunks of CHUNK, 3 levels of 64 slots (64 chunks at full resolution,
+# 4x the training length, then pools of 2 and 4: 448 chunks, 28x; training costs
+# the same as with a smaller memory, since a window of 16 chunks fills only 16
+# entries of an empty memory and only those are computed), each chunk keyed by
 # the token before what it pools (`mem_key="previous"`: a pair is written so that its
 # key finds it), a softmax pooling (`mem_pool="exp"`: a salient chunk keeps its
 # summary when merged with filler), a read scaled by log(slots) (`mem_read_logn`),
@@ -34,7 +36,7 @@ GATE_TASK = "mqar:mix=16x4+64x4"
 # read-out and 0.1x memory rate are for text, where the memory is opened slowly: on
 # these tasks they keep it shut for the whole budget). docs/experiments/recall.md.
 SCALE = {"model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4}
-MEMORY = {"model.chunk_size": CHUNK, "model.mem_slots": 32, "model.mem_levels": 3,
+MEMORY = {"model.chunk_size": CHUNK, "model.mem_slots": 64, "model.mem_levels": 3,
           "model.mem_key": "previous", "model.mem_pool": "exp", "model.mem_read_logn": True,
           "model.mem_out_init": 1.0, "model.mem_lr_scale": 1.0}
 ARMS = {

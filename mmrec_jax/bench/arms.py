@@ -44,6 +44,8 @@ ARMS = {
     "mmrec_zr_memlr": ("tiny", dict(_V0, **{"model.mem_out_init": 0.0,
                                             "train.lr_scales": "memory=0.1"}),
                        "zero read-out and a slow memory (the same run as `mmrec`)"),
+    "mmrec_prevkey": ("tiny", {"model.mem_key": "previous"},
+                      "MM-Rec tiny, each chunk keyed by the token before what it pools"),
     "mmrec_short": ("tiny", dict(_V0, **{"model.decay_max": 0.99}),
                     "v0 memory, recurrence timescales of 10 to 100 tokens"),
     "mmrec_short_nomem": ("tiny", {"model.decay_max": 0.99, "model.mem_levels": 0},

@@ -21,7 +21,9 @@ with its warmup-stable-decay schedule fully decayed:
   `stack`: `carry`, with depth grown by stacking the trained layers instead of
   identity blocks;
   `carry_nb`: `carry`, an inserted block's second moments copied from the block it
-  copies (zero in `carry`).
+  copies (zero in `carry`);
+  `carry_rw`: `carry`, the learning rate warmed up again from 0 over `--rewarm`
+  steps after growth (`train.rewarm_steps`).
 
 Saving = 1 - FLOPs(small + grown) / FLOPs(scratch) at the target: from each arm's
 final bits per byte against its FLOPs, interpolated between budgets (a bound when
@@ -64,6 +66,8 @@ ARMS = {
     # carry, an inserted block's second moments copied from its neighbour's
     "carry_nb": dict(optimizer="carry", schedule="continue", depth="identity",
                      new_moments="neighbour"),
+    # carry, the learning rate ramped from 0 again after growth
+    "carry_rw": dict(optimizer="carry", schedule="continue", depth="identity", rewarm=True),
 }
 DECAY = 0.2   # every run's decay: the last fifth of its own big-model steps
 
@@ -83,6 +87,7 @@ def define_flags():
   flags.DEFINE_float("noise", 0.05, "Zero-sum noise over the copies of widened units.")
   flags.DEFINE_float("rewarmup", 0.03, "restart: warmup after growth, as a fraction of its steps.")
   flags.DEFINE_integer("rewind", 0, "carry, stack: steps the continued schedule is rewound.")
+  flags.DEFINE_integer("rewarm", 30, "carry_rw: steps of the second warmup after growth.")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (train.seed of every run).")
   flags.DEFINE_integer("eval_every", 30, "Steps between held-out evaluations.")
   flags.DEFINE_multi_string("set", [], "SECTION.FIELD=VALUE for every run.")
@@ -161,7 +166,8 @@ def run_seed(seed, root, devices, log):
                              for r in read_val(d(f"small_g{g}"))]
     res = out["points"][g] = {"small_steps": n_small, "small_flops": small_flops}
     for arm in FLAGS.arms:
-      opts, finals = ARMS[arm], []
+      opts, finals = dict(ARMS[arm]), []
+      rewarm = opts.pop("rewarm", False)
       for b in FLAGS.budgets:
         n = max(1, round(float(b) * steps))
         if opts["schedule"] == "continue":
@@ -171,6 +177,8 @@ def run_seed(seed, root, devices, log):
           start = 0
           c = wsd(big0, n, max(1, round(FLAGS.rewarmup * n)), round(DECAY * n))
         c = c.override({"data.tokenizer": tok})
+        if rewarm:
+          c = c.override({"train.rewarm_at": start, "train.rewarm_steps": FLAGS.rewarm})
         wd = d(f"{arm}_g{g}_b{b}")
         after_path = wd + ".after_growth.json"
         if not ladder.has_checkpoint(wd):
@@ -257,11 +265,12 @@ def main(argv):
   with open(path, "w") as f:
     json.dump({"results": results, "summary": summary(results), "curves": all_curves, "flags": {
         k: FLAGS[k].value for k in ("small", "big", "steps", "arms", "grow_at", "budgets",
-                                    "noise", "rewarmup", "rewind", "seeds", "set", "small_set",
+                                    "noise", "rewarmup", "rewind", "rewarm", "seeds", "set",
+                                    "small_set",
                                     "big_set")}}, f,
               indent=1)
   styles = {"scratch": "k-", "small": "g:", "restart": "r--", "carry": "b-", "stack": "m-",
-            "carry_nb": "c-"}
+            "carry_nb": "c-", "carry_rw": "y-"}
   series = {f"{name} s{seed}": ([p[0] for p in pts], [p[1] for p in pts],
                                 styles[name.split()[0]] + "o")
             for seed, curves in all_curves.items() for name, pts in curves.items()}

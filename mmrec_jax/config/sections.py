@@ -58,6 +58,11 @@ class TrainConfig(Section):
   # (warmup-stable-decay): lr held, then a linear decay over the last decay_frac.
   schedule: str = "cosine"
   decay_frac: float = 0.2
+  # A second warmup inside the schedule (a grown run continuing its ladder's
+  # schedule): from step rewarm_at the learning rate ramps linearly from 0 to the
+  # schedule's over rewarm_steps steps. 0 steps: none.
+  rewarm_at: int = 0
+  rewarm_steps: int = 0
   weight_decay: float = 0.1
   # Per-module learning-rate factors, "NAME=FACTOR,...": every parameter under a
   # module (or itself) named NAME (e.g. memory, ffn, fused, embed) steps FACTOR
@@ -96,6 +101,9 @@ class TrainConfig(Section):
           f"train.eval_batches={self.eval_batches!r} must be an integer >= 0 (0: the whole split)")
     check(is_int(self.warmup_steps) and self.warmup_steps >= 0,
           f"train.warmup_steps={self.warmup_steps} must be >= 0")
+    for f in ("rewarm_at", "rewarm_steps"):
+      check(is_int(getattr(self, f)) and getattr(self, f) >= 0,
+            f"train.{f}={getattr(self, f)!r} must be an integer >= 0")
     check(is_int(self.early_stopping_patience) and self.early_stopping_patience >= 0,
           "train.early_stopping_patience must be >= 0")
     check(is_number(self.early_stopping_min_delta) and self.early_stopping_min_delta >= 0,

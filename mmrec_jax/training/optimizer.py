@@ -3,6 +3,7 @@ warmup-stable-decay), global-norm clipping and a weight-decay mask."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
@@ -17,7 +18,21 @@ SCHEDULES = ("cosine", "wsd")
 def lr_schedule(tcfg):
   """Linear warmup from 0 to lr, then to lr * min_lr_ratio at train.steps: by a cosine
   (`train.schedule=cosine`), or held at lr and decayed linearly over the last
-  `train.decay_frac` of the steps (`wsd`, warmup-stable-decay)."""
+  `train.decay_frac` of the steps (`wsd`, warmup-stable-decay). With
+  `train.rewarm_steps`, a second linear warmup from `train.rewarm_at`: step
+  rewarm_at + i runs at (i + 1) / rewarm_steps of the schedule's rate."""
+  base = _base_schedule(tcfg)
+  at, n = int(tcfg.rewarm_at), int(tcfg.rewarm_steps)
+  if not n:
+    return base
+
+  def schedule(count):
+    ramp = jnp.clip((count - at + 1) / n, 0.0, 1.0)
+    return base(count) * jnp.where(count < at, 1.0, ramp)
+  return schedule
+
+
+def _base_schedule(tcfg):
   warmup = int(tcfg.warmup_steps)
   steps = max(int(tcfg.steps), warmup + 1)
   end = tcfg.lr * tcfg.min_lr_ratio

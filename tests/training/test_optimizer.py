@@ -1,5 +1,7 @@
-"""The optimizer (`training/optimizer.py`): per-module learning-rate factors and the
-weight-decay mask."""
+"""The optimizer (`training/optimizer.py`): per-module learning-rate factors, the
+weight-decay mask and the schedule's second warmup."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -60,3 +62,19 @@ def test_decay_mask():
   assert mask["embed"] and mask["blocks"]["mlp"]["kernel"]
   assert not mask["blocks"]["norm"]["scale"] and not mask["blocks"]["mlp"]["bias"]
   assert not mask["blocks"]["gate_decay"]["w"] and not mask["blocks"]["lam"]
+
+
+def test_a_second_warmup_ramps_the_schedule_from_its_step():
+  """train.rewarm_steps: from rewarm_at the rate ramps from 0 back to the schedule's
+  (a grown run continuing its ladder's schedule); before it, and without it, the
+  schedule is unchanged."""
+  t = TrainConfig(steps=100, lr=1e-3, warmup_steps=10, schedule="wsd", decay_frac=0.2)
+  base = opt_lib.lr_schedule(t)
+  again = opt_lib.lr_schedule(dataclasses.replace(t, rewarm_at=40, rewarm_steps=4))
+  for step in (0, 5, 39, 44, 60, 90, 99):
+    assert float(again(step)) == pytest.approx(float(base(step)))
+  for i in range(4):   # step 40 + i at (i + 1) / 4 of the schedule's rate
+    assert float(again(40 + i)) == pytest.approx((i + 1) / 4 * float(base(40 + i)))
+  assert float(base(40)) == pytest.approx(1e-3)
+  with pytest.raises(ConfigError, match="rewarm_steps"):
+    TrainConfig(rewarm_steps=-1).validate()

@@ -46,6 +46,8 @@ ARMS = {
                        "zero read-out and a slow memory (the same run as `mmrec`)"),
     "mmrec_prevkey": ("tiny", {"model.mem_key": "previous"},
                       "MM-Rec tiny, each chunk keyed by the token before what it pools"),
+    "mmrec_v0_prevkey": ("tiny", dict(_V0, **{"model.mem_key": "previous"}),
+                         "v0 memory, each chunk keyed by the token before what it pools"),
     "mmrec_short": ("tiny", dict(_V0, **{"model.decay_max": 0.99}),
                     "v0 memory, recurrence timescales of 10 to 100 tokens"),
     "mmrec_short_nomem": ("tiny", {"model.decay_max": 0.99, "model.mem_levels": 0},

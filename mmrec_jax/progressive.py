@@ -30,7 +30,8 @@ def main(argv):
   if steps and len(steps) != len(paths):
     raise ConfigError(f"--steps has {len(steps)} values for {len(paths)} --configs; give one "
                       "per stage")
-  configs = stage_configs(paths, steps, F.set, F.rewarmup, F.stage_set, recipe=F.recipe)
+  configs = stage_configs(paths, steps, F.set, F.rewarmup, F.stage_set, recipe=F.recipe,
+                          rewarm=F.rewarm)
   if F.one_vocab:
     configs = one_vocabulary(configs, F.workdir)
   dirs = [os.path.join(F.workdir, f"{i}_{c.model.name}") for i, c in enumerate(configs)]
@@ -53,6 +54,8 @@ def entry():
                     "once into --workdir); off: each stage its own, grown across vocabularies.")
   flags.DEFINE_float("rewarmup", 0.03, "restart: warmup of a grown stage, as a fraction of its "
                      "steps.")
+  flags.DEFINE_float("rewarm", 0.0, "carry: a grown stage's learning rate ramps up again "
+                     "from 0 over this fraction of its steps (0: none).")
   flags.DEFINE_bool("allow_inexact", False, "Grow even where the function changes.")
   flags.DEFINE_integer("seed", 0, "Seed of the growth noise.")
   flags.DEFINE_multi_string("set", [], "SECTION.FIELD=VALUE applied to every stage's config.")

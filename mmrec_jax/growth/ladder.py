@@ -4,6 +4,7 @@
     python -m mmrec_jax.progressive --workdir=runs/ladder \
         [--configs=configs/tiny.py,configs/mini.py,configs/small.py] \
         [--steps=600,1000,2000] [--recipe=carry|restart] [--noise=0.05] [--rewarmup=0.03] \
+        [--rewarm=0] \
         [--set=data.path=corpus/ --set=train.batch_size=8] [--stage_set=1:train.lr=0.002]
 
 Recipes (`RECIPES`; `bench.grow` measures them):
@@ -12,7 +13,8 @@ Recipes (`RECIPES`; `bench.grow` measures them):
   with AdamW's moments and step count grown with the parameters, and continues
   the schedule at its own peak learning rate; only the last stage decays (its last
   `DECAY` of its own steps). A stage's `train.steps` is then the ladder's steps so
-  far (`stage_configs` sets it).
+  far (`stage_configs` sets it). With `rewarm` > 0 a grown stage's learning rate
+  ramps up again from 0 over that fraction of its steps (`train.rewarm_steps`).
 - `restart`: each stage grown from the previous stage's best checkpoint, fresh
   AdamW state, a re-warmup of `rewarmup` x its steps, its config's own schedule.
 
@@ -66,13 +68,14 @@ HOLD_DECAY = 1e-6    # recipe `carry`: an earlier stage's decay_frac (held at it
 
 
 def stage_configs(paths, steps, overrides=(), rewarmup=0.03, stage_overrides=(),
-                  recipe="carry"):
+                  recipe="carry", rewarm=0.0):
   """The config of every stage: its file, the overrides (then those of
   `stage_overrides`, `I:SECTION.FIELD=VALUE` for stage I only), its steps, and its
   schedule: with `restart`, its own, grown stages warming up for `rewarmup` x their
   steps (at least 1); with `carry`, the ladder's one warmup-stable-decay schedule
   (`train.steps` counted from the ladder's start, stage 0's warmup, the decay in
-  the last stage only)."""
+  the last stage only), each grown stage warming up again from 0 over `rewarm` x
+  its steps (`train.rewarm_steps`; 0: none)."""
   if recipe not in RECIPES:
     raise ConfigError(f"--recipe={recipe} is unknown; use one of {', '.join(RECIPES)}")
   per_stage = {}
@@ -94,12 +97,15 @@ def stage_configs(paths, steps, overrides=(), rewarmup=0.03, stage_overrides=(),
   if recipe == "carry":
     total = 0
     for i, c in enumerate(out):
-      total += c.train.steps
+      before, total = total, total + c.train.steps
       last = i == len(out) - 1
+      again = int(round(rewarm * c.train.steps)) if i > 0 and rewarm > 0 else 0
       out[i] = c.override({"train.steps": total, "train.schedule": "wsd",
                            "train.warmup_steps": out[0].train.warmup_steps,
                            "train.decay_frac": (DECAY * c.train.steps / total if last
-                                                else HOLD_DECAY)})
+                                                else HOLD_DECAY),
+                           "train.rewarm_at": before if again else 0,
+                           "train.rewarm_steps": max(1, again) if again else 0})
   return out
 
 

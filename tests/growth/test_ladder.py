@@ -82,6 +82,11 @@ def test_carry_recipe_is_one_schedule_over_the_ladder(corpus):
   assert {c.train.warmup_steps for c in configs} == {configs[0].train.warmup_steps}
   assert [c.train.decay_frac for c in configs[:2]] == [ladder.HOLD_DECAY] * 2
   assert configs[2].train.decay_frac * 70 == pytest.approx(ladder.DECAY * 40)
+  assert {(c.train.rewarm_at, c.train.rewarm_steps) for c in configs} == {(0, 0)}
+  again = ladder.stage_configs([TINY] * 3, [10, 20, 40], [], recipe="carry", rewarm=0.1)
+  # each grown stage warms up again from where it starts, over a tenth of its steps
+  assert [(c.train.rewarm_at, c.train.rewarm_steps) for c in again] == [(0, 0), (10, 2),
+                                                                       (30, 4)]
   restart = ladder.stage_configs([TINY] * 2, [10, 20], [], recipe="restart")
   assert [c.train.steps for c in restart] == [10, 20]
   with pytest.raises(Exception, match="--recipe=other is unknown"):

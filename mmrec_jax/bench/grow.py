@@ -58,16 +58,22 @@ from mmrec_jax.training import metrics as metrics_lib
 from mmrec_jax.training import sharding as shard_lib
 from mmrec_jax.training import state as ts_lib
 
-# How each arm grows and continues (growth/workdir.py: grow_workdir's options).
+# How each arm grows and continues (growth/workdir.py: grow_workdir's options): the
+# optimizer and schedule of progressive's recipes (growth/ladder.py: RECIPES), then
+# the depth operator and the arm's own variations.
+def _recipe(name, **more):
+  return {**{k: ladder.RECIPES[name][k] for k in ("optimizer", "schedule")},
+          "depth": "identity", **more}
+
+
 ARMS = {
-    "restart": dict(optimizer="fresh", schedule="restart", depth="identity"),
-    "carry": dict(optimizer="carry", schedule="continue", depth="identity"),
-    "stack": dict(optimizer="carry", schedule="continue", depth="stack"),
+    "restart": _recipe("restart"),
+    "carry": _recipe("carry"),
+    "stack": _recipe("carry", depth="stack"),
     # carry, an inserted block's second moments copied from its neighbour's
-    "carry_nb": dict(optimizer="carry", schedule="continue", depth="identity",
-                     new_moments="neighbour"),
+    "carry_nb": _recipe("carry", new_moments="neighbour"),
     # carry, the learning rate ramped from 0 again after growth
-    "carry_rw": dict(optimizer="carry", schedule="continue", depth="identity", rewarm=True),
+    "carry_rw": _recipe("carry", rewarm=True),
 }
 DECAY = 0.2   # every run's decay: the last fifth of its own big-model steps
 

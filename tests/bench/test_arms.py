@@ -29,3 +29,16 @@ def test_pinned_arms_keep_the_old_defaults_and_overrides_come_last():
   with pytest.raises(UsageError, match="unknown arm 'nope'; use one of mmrec, ") as e:
     arms.load_arm("nope")
   assert "\n" not in str(e.value)
+
+
+def test_recall_set_applies_to_every_arm_but_memory_off_stays_off():
+  """`bench.recall --set` reaches every arm's config, except what makes an arm what
+  it is: `--set=model.mem_levels=2` must not switch on `mmrec_nomem`'s memory."""
+  from mmrec_jax.bench.recall import runs  # pylint: disable=import-outside-toplevel
+  recipe = runs.Recipe(steps=10, batch=4, seq_len=64, lr=1e-3, warmup=1, task=runs.TRAIN_TASK)
+  over = {"model.mem_levels": 2, "model.mem_slots": 16, "train.weight_decay": 0.0}
+  nomem = runs.run_config("mmrec_nomem", recipe, over)
+  assert (nomem.model.mem_levels, nomem.train.weight_decay) == (0, 0.0)
+  mem = runs.run_config("mmrec", recipe, over)
+  assert (mem.model.mem_levels, mem.model.mem_slots) == (2, 16)
+  assert runs.run_config("mmrec", recipe).model.mem_slots == runs.MEMORY["model.mem_slots"]

@@ -47,6 +47,8 @@ ARMS = {
     "transformer": ("baselines/transformer_tiny", dict(SCALE), "the Transformer"),
 }
 DEFAULT_ARMS = ("mmrec", "mmrec_nomem", "transformer")
+# What makes an arm what it is: kept whatever `--set` says (memory off stays off).
+KEPT = {"mmrec_nomem": {"model.mem_levels": 0}}
 GATE_ARM = ("baselines/transformer_tiny", dict(SCALE), "the gate's Transformer")
 
 
@@ -75,7 +77,9 @@ def run_config(arm, recipe: Recipe, overrides=None) -> config_lib.Config:
       "train.weight_decay": 0.1, "train.eval_every": max(1, recipe.steps // 4),
       "train.eval_batches": 4, "train.log_every": max(1, recipe.steps // 20),
       "train.samples": 0, "checkpoint.every": recipe.steps})
-  return c.override(overrides) if overrides else c
+  if overrides:
+    c = c.override(overrides)
+  return c.override(KEPT[arm]) if arm in KEPT else c
 
 
 def workdir(out, arm, recipe: Recipe):

@@ -78,3 +78,24 @@ def test_a_second_warmup_ramps_the_schedule_from_its_step():
   assert float(base(40)) == pytest.approx(1e-3)
   with pytest.raises(ConfigError, match="rewarm_steps"):
     TrainConfig(rewarm_steps=-1).validate()
+
+
+def test_the_trainer_steps_at_the_second_warmups_rate():
+  """The optimizer `make` builds steps at the re-warmed rate: a step 1 of 4 into
+  the second warmup moves the parameters a quarter as far as the schedule alone."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  t = TrainConfig(steps=100, lr=1e-2, warmup_steps=0, schedule="wsd", weight_decay=0.0,
+                  grad_clip=0.0)
+  params = {"w": jnp.ones((3,))}
+  grads = {"w": jnp.full((3,), 0.5)}
+
+  def moved(tcfg, count):
+    tx = opt_lib.make(tcfg, None)
+    state = tx.init(params)
+    state = jax.tree.map(lambda x: jnp.asarray(count, x.dtype)
+                         if getattr(x, "shape", None) == () else x, state)   # step counts
+    upd, _ = tx.update(grads, state, params)
+    return float(jnp.abs(upd["w"]).max())
+  plain = moved(t, 40)
+  again = moved(dataclasses.replace(t, rewarm_at=40, rewarm_steps=4), 40)
+  assert plain > 0 and again == pytest.approx(plain / 4, rel=1e-5)

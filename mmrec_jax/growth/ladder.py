@@ -99,13 +99,13 @@ def stage_configs(paths, steps, overrides=(), rewarmup=0.03, stage_overrides=(),
     for i, c in enumerate(out):
       before, total = total, total + c.train.steps
       last = i == len(out) - 1
-      again = int(round(rewarm * c.train.steps)) if i > 0 and rewarm > 0 else 0
+      again = max(1, round(rewarm * c.train.steps)) if i > 0 and rewarm > 0 else 0
       out[i] = c.override({"train.steps": total, "train.schedule": "wsd",
                            "train.warmup_steps": out[0].train.warmup_steps,
                            "train.decay_frac": (DECAY * c.train.steps / total if last
                                                 else HOLD_DECAY),
                            "train.rewarm_at": before if again else 0,
-                           "train.rewarm_steps": max(1, again) if again else 0})
+                           "train.rewarm_steps": again})
   return out
 
 

@@ -3,6 +3,7 @@ weight-decay mask and the schedule's second warmup."""
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -83,7 +84,6 @@ def test_a_second_warmup_ramps_the_schedule_from_its_step():
 def test_the_trainer_steps_at_the_second_warmups_rate():
   """The optimizer `make` builds steps at the re-warmed rate: a step 1 of 4 into
   the second warmup moves the parameters a quarter as far as the schedule alone."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   t = TrainConfig(steps=100, lr=1e-2, warmup_steps=0, schedule="wsd", weight_decay=0.0,
                   grad_clip=0.0)
   params = {"w": jnp.ones((3,))}

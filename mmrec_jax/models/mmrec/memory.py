@@ -210,15 +210,15 @@ def write_chunks(mem0, n0, kv_KX, mass_K, valid_K, doc_K, chunk_K, doc0=-1, fres
   """
   levels, slots, width = mem0.slots.shape
   K = kv_KX.shape[0]
-  # Sources: mem0's entries (mass * value, mass) and the new chunks.
-  lo0, hi0, ok0 = entry_blocks(n0, levels, slots)
-  alive0 = ok0 & jnp.concatenate([mem0.valid.reshape(-1), mem0.pend_n > 0])
-  mv0 = jnp.concatenate([(mem0.slots * mem0.mass[..., None]).reshape(-1, width), mem0.pend])
-  m0 = jnp.concatenate([mem0.mass.reshape(-1), mem0.pend_mass])
+  # Sources: the new chunks, and (unless `fresh`) mem0's entries (mass * value, mass).
   mass_K = jnp.maximum(mass_K, MIN_MASS)
   src_lo, src_hi, src_ok = chunk_K, chunk_K + 1, valid_K
   src_doc, src_mv, src_m = doc_K, mass_K[:, None] * kv_KX, mass_K
   if not fresh:
+    lo0, hi0, ok0 = entry_blocks(n0, levels, slots)
+    alive0 = ok0 & jnp.concatenate([mem0.valid.reshape(-1), mem0.pend_n > 0])
+    mv0 = jnp.concatenate([(mem0.slots * mem0.mass[..., None]).reshape(-1, width), mem0.pend])
+    m0 = jnp.concatenate([mem0.mass.reshape(-1), mem0.pend_mass])
     src_lo, src_hi = jnp.concatenate([lo0, src_lo]), jnp.concatenate([hi0, src_hi])
     src_ok = jnp.concatenate([alive0, src_ok])
     src_doc = jnp.concatenate([jnp.full(lo0.shape, doc0, doc_K.dtype), src_doc])

@@ -1,7 +1,8 @@
 """What growth saves: `python -m mmrec_jax.bench.grow [--steps=300] [--seeds=0,1,2]`.
 
     python -m mmrec_jax.bench.grow --small=tiny --big=mini --steps=300 --seeds=0,1,2 \
-        [--arms=restart,carry,stack] [--grow_at=0.25] [--budgets=0.5,0.75] \
+        [--arms=carry] [--grow_at=0.35] [--budgets=0.1,0.2] [--small_alone=0.25,0.35] \
+        [--seq_len=128] [--batch_size=8] [--warmup=30] [--eval_batches=8] \
         [--set=SECTION.FIELD=VALUE ...] [--workdir=runs/bench_grow]
 
 Per seed, on one data stream and ONE vocabulary (the scratch run trains the
@@ -23,12 +24,18 @@ with its warmup-stable-decay schedule fully decayed:
   `carry_nb`: `carry`, an inserted block's second moments copied from the block it
   copies (zero in `carry`);
   `carry_rw`: `carry`, the learning rate warmed up again from 0 over `--rewarm`
-  steps after growth (`train.rewarm_steps`).
+  steps after growth (`train.rewarm_steps`);
+- the reference that does not grow (`--small_alone`, fractions of the scratch
+  run's FLOPs): the small config alone, its own schedule fully decayed. Growth
+  pays only where it beats this too: a big model trained far below its
+  compute-optimal token count is worse per FLOP than the small one, and a
+  saving against it is the small model's, not growth's.
 
 Saving = 1 - FLOPs(small + grown) / FLOPs(scratch) at the target: from each arm's
 final bits per byte against its FLOPs, interpolated between budgets (a bound when
 the smallest budget already reaches the target or the largest does not), with and
-without the small model's FLOPs. FLOPs are analytic: 3 x `flops_per_token` (head
+without the small model's FLOPs (the small model alone: its FLOPs to the target).
+FLOPs are analytic: 3 x `flops_per_token` (head
 and scan included) x tokens. Prints one table per growth point (the mean over
 seeds and each seed), writes `bench_grow.json` and `bench_grow.png` (held-out
 bits per byte against cumulative FLOPs). Re-running resumes: finished runs are
@@ -85,11 +92,18 @@ def define_flags():
   flags.DEFINE_string("small", "tiny", "Config grown from.")
   flags.DEFINE_string("big", "mini", "Config grown into (and trained from scratch).")
   flags.DEFINE_integer("steps", 300, "Steps of the scratch run.")
-  flags.DEFINE_list("arms", list(ARMS), f"Growth arms ({', '.join(ARMS)}).")
-  flags.DEFINE_list("grow_at", ["0.25"], "Growth points: the small model's training as a "
+  flags.DEFINE_integer("seq_len", 128, "train.seq_len of every run.")
+  flags.DEFINE_integer("batch_size", 8, "train.batch_size of every run.")
+  flags.DEFINE_integer("warmup", 30, "train.warmup_steps of the scratch and small runs.")
+  flags.DEFINE_integer("eval_batches", 8, "train.eval_batches of every run.")
+  flags.DEFINE_list("arms", ["carry"], f"Growth arms ({', '.join(ARMS)}).")
+  flags.DEFINE_list("grow_at", ["0.35"], "Growth points: the small model's training as a "
                     "fraction of the scratch run's FLOPs.")
-  flags.DEFINE_list("budgets", ["0.5", "0.75"], "Big-model steps after growth, as fractions "
+  flags.DEFINE_list("budgets", ["0.1", "0.2"], "Big-model steps after growth, as fractions "
                     "of --steps (each a complete run).")
+  flags.DEFINE_list("small_alone", ["0.25", "0.35"], "The reference that does not grow: the "
+                    "small config alone, its schedule fully decayed, at these fractions of "
+                    "the scratch run's FLOPs (empty: not run).")
   flags.DEFINE_float("noise", 0.05, "Zero-sum noise over the copies of widened units.")
   flags.DEFINE_float("rewarmup", 0.03, "restart: warmup after growth, as a fraction of its steps.")
   flags.DEFINE_integer("rewind", 0, "carry, stack: steps the continued schedule is rewound.")
@@ -145,8 +159,10 @@ def wsd(config, steps, warmup, decay_steps):
 
 
 def run_seed(seed, root, devices, log):
-  common = list(FLAGS.set) + [f"train.seed={seed}", f"train.eval_every={FLAGS.eval_every}",
-                              "train.samples=0", "train.early_stopping_patience=0"]
+  common = [f"train.seq_len={FLAGS.seq_len}", f"train.batch_size={FLAGS.batch_size}",
+            f"train.warmup_steps={FLAGS.warmup}", f"train.eval_batches={FLAGS.eval_batches}",
+            *FLAGS.set, f"train.seed={seed}", f"train.eval_every={FLAGS.eval_every}",
+            "train.samples=0", "train.early_stopping_patience=0"]
   big0, small0 = (config_lib.load(name) for name in (FLAGS.big, FLAGS.small))
   big0 = big0.override(config_lib.parse_overrides(common + list(FLAGS.big_set), big0))
   small0 = small0.override(config_lib.parse_overrides(common + list(FLAGS.small_set), small0))
@@ -162,6 +178,22 @@ def run_seed(seed, root, devices, log):
   out = {"scratch": {"flops": steps * f_big, "final_bpb": target}, "points": {}}
   curves = {"scratch": [(r["step"] * f_big, r["bits_per_byte"]) for r in sval]}
   log(f"seed {seed}: scratch {big0.model.name} {steps} steps -> {target:.4f} bits per byte")
+  if FLAGS.small_alone:
+    finals = []
+    for a in FLAGS.small_alone:
+      n = max(1, round(float(a) * steps * f_big / f_small))
+      c = wsd(small0, n, small0.train.warmup_steps, round(DECAY * n)).override(
+          {"data.tokenizer": tok})
+      loop_lib.run(c, d(f"small_alone_a{a}"), devices=devices, quiet=True)
+      val = read_val(d(f"small_alone_a{a}"))
+      curves[f"small_alone a{a}"] = [(r["step"] * f_small, r["bits_per_byte"]) for r in val]
+      finals.append({"budget": float(a), "flops": n * f_small,
+                     "final_bpb": val[-1]["bits_per_byte"]})
+      log(f"  {small0.model.name} alone, {a} of the scratch FLOPs ({n} steps): "
+          f"{finals[-1]['final_bpb']:.4f} bits per byte")
+    f, how = crossing([(x["flops"], x["final_bpb"]) for x in finals], target)
+    out["small_alone"] = {"runs": finals, "flops_to_target": f, "bound": how,
+                          "saving": 1 - f / (steps * f_big)}
   for g in FLAGS.grow_at:
     n_small = max(1, round(float(g) * steps * f_big / f_small))
     small = wsd(small0, n_small, small0.train.warmup_steps, 1).override(
@@ -215,36 +247,53 @@ def run_seed(seed, root, devices, log):
 BOUND = {"=": "", "<=": ">=", ">": "<"}   # a saving bound is the FLOPs bound reversed
 
 
+def _row(label, rs, log):
+  sav = float(np.mean([r["saving"] for r in rs]))
+  wo = ("" if "saving_without_small" not in rs[0] else
+        f"{100 * float(np.mean([r['saving_without_small'] for r in rs])):.1f}%")
+  per = ", ".join(f"{BOUND[r['bound']]}{100 * r['saving']:.0f}%" for r in rs)
+  log(f"{label:<12}{100 * sav:>7.1f}%{wo:>11}{1 / (1 - sav):>7.2f}x   {per}")
+
+
 def report(results, log=print):
-  """One table per growth point: each arm's saving, mean over seeds, then per seed."""
+  """One table per growth point: each arm's saving, mean over seeds, then per seed; the
+  small model alone (no growth) as the last row."""
   seeds = list(results)
   for g in FLAGS.grow_at:
     targets = ", ".join(f"{results[s]['scratch']['final_bpb']:.4f}" for s in seeds)
     log(f"\ngrown at {g} of the scratch FLOPs; target: each seed's scratch run "
         f"({targets} bits per byte)")
-    log(f"{'arm':<10}{'saving':>9}{'w/o small':>11}{'ratio':>8}   per seed")
+    log(f"{'arm':<12}{'saving':>8}{'w/o small':>11}{'ratio':>8}   per seed")
     for arm in FLAGS.arms:
-      rs = [results[s]["points"][g][arm] for s in seeds]
-      sav = float(np.mean([r["saving"] for r in rs]))
-      wo = float(np.mean([r["saving_without_small"] for r in rs]))
-      per = ", ".join(f"{BOUND[r['bound']]}{100 * r['saving']:.0f}%" for r in rs)
-      log(f"{arm:<10}{100 * sav:>8.1f}%{100 * wo:>10.1f}%{1 / (1 - sav):>7.2f}x   {per}")
+      _row(arm, [results[s]["points"][g][arm] for s in seeds], log)
+    if FLAGS.small_alone:
+      _row(f"{FLAGS.small} alone", [results[s]["small_alone"] for s in seeds], log)
 
 
-def summary(results):
-  """Per growth point and arm: `saving` and `saving_without_small` per seed, their mean
-  and spread (population standard deviation), and whether each is a bound."""
+def _stats(rs, key):
+  vals = [r[key] for r in rs.values()]
+  return {"per_seed": {s: r[key] for s, r in rs.items()},
+          "mean": float(np.mean(vals)), "spread": float(np.std(vals))}
+
+
+def summary(results, grow_at, arms):
+  """(points, alone): per growth point and arm, `saving` and `saving_without_small` per
+  seed, their mean and spread (population standard deviation), and whether each is a
+  bound; the small model alone's `saving` likewise (None where it was not run)."""
   out = {}
-  for g in FLAGS.grow_at:
-    for arm in FLAGS.arms:
+  for g in grow_at:
+    for arm in arms:
       rs = {s: results[s]["points"][g][arm] for s in results}
       row = {"bound": {s: BOUND[r["bound"]] for s, r in rs.items()}}
       for k in ("saving", "saving_without_small"):
-        vals = [r[k] for r in rs.values()]
-        row[k] = {"per_seed": {s: r[k] for s, r in rs.items()},
-                  "mean": float(np.mean(vals)), "spread": float(np.std(vals))}
+        row[k] = _stats(rs, k)
       out.setdefault(g, {})[arm] = row
-  return out
+  alone = None
+  if all("small_alone" in r for r in results.values()):
+    rs = {s: results[s]["small_alone"] for s in results}
+    alone = {"bound": {s: BOUND[r["bound"]] for s, r in rs.items()},
+             "saving": _stats(rs, "saving")}
+  return out, alone
 
 
 def main(argv):
@@ -253,9 +302,10 @@ def main(argv):
   for a in FLAGS.arms:
     if a not in ARMS:
       raise UsageError(f"--arms: unknown arm {a!r}; use any of {', '.join(ARMS)}")
-  for name, vals in (("grow_at", FLAGS.grow_at), ("budgets", FLAGS.budgets)):
+  for name, vals in (("grow_at", FLAGS.grow_at), ("budgets", FLAGS.budgets),
+                     ("small_alone", FLAGS.small_alone)):
     try:
-      ok = all(0 < float(v) <= 1 for v in vals) and vals
+      ok = all(0 < float(v) <= 1 for v in vals) and (vals or name == "small_alone")
     except ValueError:
       ok = False
     if not ok:
@@ -269,14 +319,15 @@ def main(argv):
   report(results)
   path = os.path.join(root, "bench_grow.json")
   with open(path, "w") as f:
-    json.dump({"results": results, "summary": summary(results), "curves": all_curves, "flags": {
-        k: FLAGS[k].value for k in ("small", "big", "steps", "arms", "grow_at", "budgets",
-                                    "noise", "rewarmup", "rewind", "rewarm", "seeds", "set",
-                                    "small_set",
-                                    "big_set")}}, f,
-              indent=1)
+    points, alone = summary(results, FLAGS.grow_at, FLAGS.arms)
+    json.dump({"results": results, "summary": points, "small_alone": alone,
+               "curves": all_curves,
+               "flags": {k: FLAGS[k].value for k in (
+                   "small", "big", "steps", "seq_len", "batch_size", "warmup", "eval_batches",
+                   "arms", "grow_at", "budgets", "small_alone", "noise", "rewarmup", "rewind",
+                   "rewarm", "seeds", "set", "small_set", "big_set")}}, f, indent=1)
   styles = {"scratch": "k-", "small": "g:", "restart": "r--", "carry": "b-", "stack": "m-",
-            "carry_nb": "c-", "carry_rw": "y-"}
+            "carry_nb": "c-", "carry_rw": "y-", "small_alone": "g-"}
   series = {f"{name} s{seed}": ([p[0] for p in pts], [p[1] for p in pts],
                                 styles[name.split()[0]] + "o")
             for seed, curves in all_curves.items() for name, pts in curves.items()}
@@ -287,7 +338,7 @@ def main(argv):
   if FLAGS.json:
     print(json.dumps({"bench": "grow", "small": FLAGS.small, "big": FLAGS.big,
                       "steps": FLAGS.steps, "budgets": FLAGS.budgets,
-                      "grow_at": summary(results)}))
+                      "grow_at": points, "small_alone": alone}))
 
 
 def entry():

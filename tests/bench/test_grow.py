@@ -10,3 +10,24 @@ def test_the_crossing_interpolates_between_budgets_and_says_when_it_is_a_bound()
   assert grow.crossing(pts, 1.60) == (100.0, "<=")   # the smallest budget already reaches it
   assert grow.crossing(pts, 1.20) == (200.0, ">")    # the largest does not
   assert grow.BOUND["<="] == ">=" and grow.BOUND[">"] == "<"
+
+
+def test_the_summary_gives_each_arm_and_the_small_model_alone_per_seed_mean_and_spread():
+  def arm(s, wo, bound="="):
+    return {"saving": s, "saving_without_small": wo, "bound": bound}
+  results = {
+      0: {"points": {"0.35": {"carry": arm(0.5, 0.8)}},
+          "small_alone": {"saving": 0.7, "bound": "="}},
+      1: {"points": {"0.35": {"carry": arm(0.3, 0.6, ">")}},
+          "small_alone": {"saving": 0.6, "bound": "<="}},
+  }
+  points, alone = grow.summary(results, ["0.35"], ["carry"])
+  carry = points["0.35"]["carry"]
+  assert carry["saving"]["per_seed"] == {0: 0.5, 1: 0.3}
+  assert abs(carry["saving"]["mean"] - 0.4) < 1e-9
+  assert abs(carry["saving"]["spread"] - 0.1) < 1e-9          # population std
+  assert abs(carry["saving_without_small"]["mean"] - 0.7) < 1e-9
+  assert carry["bound"] == {0: "", 1: "<"}                      # the largest budget fell short
+  assert abs(alone["saving"]["mean"] - 0.65) < 1e-9 and alone["bound"] == {0: "", 1: ">="}
+  del results[1]["small_alone"]                                 # not run: no reference
+  assert grow.summary(results, ["0.35"], ["carry"])[1] is None

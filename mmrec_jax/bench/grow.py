@@ -184,8 +184,8 @@ def run_seed(seed, root, devices, log):
       n = max(1, round(float(a) * steps * f_big / f_small))
       c = wsd(small0, n, small0.train.warmup_steps, round(DECAY * n)).override(
           {"data.tokenizer": tok})
-      loop_lib.run(c, d(f"small_alone_a{a}"), devices=devices, quiet=True)
-      val = read_val(d(f"small_alone_a{a}"))
+      loop_lib.run(c, d(f"{FLAGS.small}_alone_a{a}"), devices=devices, quiet=True)
+      val = read_val(d(f"{FLAGS.small}_alone_a{a}"))
       curves[f"small_alone a{a}"] = [(r["step"] * f_small, r["bits_per_byte"]) for r in val]
       finals.append({"budget": float(a), "flops": n * f_small,
                      "final_bpb": val[-1]["bits_per_byte"]})
@@ -194,7 +194,7 @@ def run_seed(seed, root, devices, log):
     f, how = crossing([(x["flops"], x["final_bpb"]) for x in finals], target)
     out["small_alone"] = {"runs": finals, "flops_to_target": f, "bound": how,
                           "saving": 1 - f / (steps * f_big)}
-  for g in FLAGS.grow_at:
+  for g in FLAGS.grow_at if FLAGS.arms else ():   # no arms: no small run to grow
     n_small = max(1, round(float(g) * steps * f_big / f_small))
     small = wsd(small0, n_small, small0.train.warmup_steps, 1).override(
         {"data.tokenizer": tok, "train.decay_frac": 1e-6})   # held at its peak: grown mid-run
@@ -248,26 +248,35 @@ BOUND = {"=": "", "<=": ">=", ">": "<"}   # a saving bound is the FLOPs bound re
 
 
 def _row(label, rs, log):
+  """A table row; a mean over seeds that holds a bound is marked `~` (not a measurement)."""
   sav = float(np.mean([r["saving"] for r in rs]))
+  mark = "~" if any(r["bound"] != "=" for r in rs) else ""
   wo = ("" if "saving_without_small" not in rs[0] else
         f"{100 * float(np.mean([r['saving_without_small'] for r in rs])):.1f}%")
   per = ", ".join(f"{BOUND[r['bound']]}{100 * r['saving']:.0f}%" for r in rs)
-  log(f"{label:<12}{100 * sav:>7.1f}%{wo:>11}{1 / (1 - sav):>7.2f}x   {per}")
+  log(f"{label:<12}{mark + f'{100 * sav:.1f}%':>8}{wo:>11}{1 / (1 - sav):>7.2f}x   {per}")
 
 
 def report(results, log=print):
-  """One table per growth point: each arm's saving, mean over seeds, then per seed; the
-  small model alone (no growth) as the last row."""
+  """One table per growth point (each arm's saving, mean over seeds, then per seed), then
+  the small model alone (no growth)."""
   seeds = list(results)
-  for g in FLAGS.grow_at:
-    targets = ", ".join(f"{results[s]['scratch']['final_bpb']:.4f}" for s in seeds)
-    log(f"\ngrown at {g} of the scratch FLOPs; target: each seed's scratch run "
-        f"({targets} bits per byte)")
-    log(f"{'arm':<12}{'saving':>8}{'w/o small':>11}{'ratio':>8}   per seed")
+  targets = ", ".join(f"{results[s]['scratch']['final_bpb']:.4f}" for s in seeds)
+  log(f"\ntarget: each seed's scratch {FLAGS.big} ({targets} bits per byte)")
+  header = f"{'arm':<12}{'saving':>8}{'w/o small':>11}{'ratio':>8}   per seed"
+  rows = []
+  for g in FLAGS.grow_at if FLAGS.arms else ():
+    log(f"{FLAGS.small} grown at {g} of the scratch FLOPs\n{header}")
     for arm in FLAGS.arms:
-      _row(arm, [results[s]["points"][g][arm] for s in seeds], log)
-    if FLAGS.small_alone:
-      _row(f"{FLAGS.small} alone", [results[s]["small_alone"] for s in seeds], log)
+      rows.append([results[s]["points"][g][arm] for s in seeds])
+      _row(arm, rows[-1], log)
+  if FLAGS.small_alone:
+    log(f"no growth\n{header}")
+    rows.append([results[s]["small_alone"] for s in seeds])
+    _row(f"{FLAGS.small} alone", rows[-1], log)
+  if any(r["bound"] != "=" for rs in rows for r in rs):
+    log("~: the mean holds a bound (>=: the smallest budget reached the target, <: the "
+        "largest did not), not a measurement")
 
 
 def _stats(rs, key):

@@ -184,8 +184,8 @@ def run_seed(seed, root, devices, log):
       n = max(1, round(float(a) * steps * f_big / f_small))
       c = wsd(small0, n, small0.train.warmup_steps, round(DECAY * n)).override(
           {"data.tokenizer": tok})
-      loop_lib.run(c, d(f"{FLAGS.small}_alone_a{a}"), devices=devices, quiet=True)
-      val = read_val(d(f"{FLAGS.small}_alone_a{a}"))
+      loop_lib.run(c, d(f"{small0.model.name}_alone_a{a}"), devices=devices, quiet=True)
+      val = read_val(d(f"{small0.model.name}_alone_a{a}"))
       curves[f"small_alone a{a}"] = [(r["step"] * f_small, r["bits_per_byte"]) for r in val]
       finals.append({"budget": float(a), "flops": n * f_small,
                      "final_bpb": val[-1]["bits_per_byte"]})

@@ -65,12 +65,14 @@ from mmrec_jax.training import metrics as metrics_lib
 from mmrec_jax.training import sharding as shard_lib
 from mmrec_jax.training import state as ts_lib
 
-# How each arm grows and continues (growth/workdir.py: grow_workdir's options): the
-# optimizer and schedule of progressive's recipes (growth/ladder.py: RECIPES), then
-# the depth operator and the arm's own variations.
-def _recipe(name, **more):
-  return {**{k: ladder.RECIPES[name][k] for k in ("optimizer", "schedule")},
+# How each arm grows (growth/workdir.py: grow_workdir's options: the optimizer and
+# schedule of progressive's recipes, growth/ladder.py: RECIPES, then the depth operator
+# and the arm's own variations), and whether its learning rate warms up again after
+# growth (`train.rewarm_steps`, --rewarm steps).
+def _recipe(name, rewarm=False, **more):
+  grow = {**{k: ladder.RECIPES[name][k] for k in ("optimizer", "schedule")},
           "depth": "identity", **more}
+  return {"grow": grow, "rewarm": rewarm}
 
 
 ARMS = {
@@ -204,8 +206,7 @@ def run_seed(seed, root, devices, log):
                              for r in read_val(d(f"small_g{g}"))]
     res = out["points"][g] = {"small_steps": n_small, "small_flops": small_flops}
     for arm in FLAGS.arms:
-      opts, finals = dict(ARMS[arm]), []
-      rewarm = opts.pop("rewarm", False)
+      opts, rewarm, finals = ARMS[arm]["grow"], ARMS[arm]["rewarm"], []
       for b in FLAGS.budgets:
         n = max(1, round(float(b) * steps))
         if opts["schedule"] == "continue":
@@ -337,11 +338,14 @@ def main(argv):
                    "rewarm", "seeds", "set", "small_set", "big_set")}}, f, indent=1)
   styles = {"scratch": "k-", "small": "g:", "restart": "r--", "carry": "b-", "stack": "m-",
             "carry_nb": "c-", "carry_rw": "y-", "small_alone": "g-"}
-  series = {f"{name} s{seed}": ([p[0] for p in pts], [p[1] for p in pts],
-                                styles[name.split()[0]] + "o")
-            for seed, curves in all_curves.items() for name, pts in curves.items()}
+  first = next(iter(all_curves), None)   # one legend entry per run kind (the first seed's)
+  series = {(name if seed == first else f"_{name} s{seed}"): (
+      [p[0] / results[seed]["scratch"]["flops"] for p in pts], [p[1] for p in pts],
+      styles[name.split()[0]] + "o")
+      for seed, curves in all_curves.items() for name, pts in curves.items()}
   png = os.path.join(root, "bench_grow.png")
-  metrics_lib.plot_lines(png, series, "cumulative training FLOPs", "held-out bits per byte",
+  metrics_lib.plot_lines(png, series, "cumulative training FLOPs / the scratch run's",
+                         "held-out bits per byte",
                          title="growth vs scratch")
   print(f"wrote {path} and {png}")
   if FLAGS.json:

@@ -105,7 +105,7 @@ def plot_lines(path, series, xlabel, ylabel, title=None, vline=None):
   if title:
     ax.set_title(title)
   ax.grid(alpha=0.3)
-  ax.legend()
+  ax.legend(fontsize="small")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

@@ -84,7 +84,7 @@ ARMS = {
     # carry, the learning rate ramped from 0 again after growth
     "carry_rw": _recipe("carry", rewarm=True),
 }
-DECAY = 0.2   # every run's decay: the last fifth of its own big-model steps
+DECAY = ladder.DECAY   # every run's decay: the last fifth of its own steps, as a ladder's
 
 FLAGS = flags.FLAGS
 
@@ -141,6 +141,12 @@ def held_out(config, workdir, devices):
   return {k: float(v) for k, v in ev.items()}
 
 
+def curve(val, flops_per_step, flops0=0.0, step0=0):
+  """(FLOPs, bits per byte) of each held-out evaluation: `flops0` plus the steps after
+  `step0` at `flops_per_step`."""
+  return [(flops0 + (r["step"] - step0) * flops_per_step, r["bits_per_byte"]) for r in val]
+
+
 def crossing(points, target):
   """FLOPs at which final bpb (points: (FLOPs, bpb), any order) reaches `target`,
   linear between budgets; (value, "=" | "<=" | ">") where "<=" means the smallest
@@ -178,7 +184,7 @@ def run_seed(seed, root, devices, log):
   sval = read_val(d("scratch"))
   target = sval[-1]["bits_per_byte"]
   out = {"scratch": {"flops": steps * f_big, "final_bpb": target}, "points": {}}
-  curves = {"scratch": [(r["step"] * f_big, r["bits_per_byte"]) for r in sval]}
+  curves = {"scratch": curve(sval, f_big)}
   log(f"seed {seed}: scratch {big0.model.name} {steps} steps -> {target:.4f} bits per byte")
   if FLAGS.small_alone:
     finals = []
@@ -188,7 +194,7 @@ def run_seed(seed, root, devices, log):
           {"data.tokenizer": tok})
       loop_lib.run(c, d(f"{small0.model.name}_alone_a{a}"), devices=devices, quiet=True)
       val = read_val(d(f"{small0.model.name}_alone_a{a}"))
-      curves[f"small_alone a{a}"] = [(r["step"] * f_small, r["bits_per_byte"]) for r in val]
+      curves[f"small_alone a{a}"] = curve(val, f_small)
       finals.append({"budget": float(a), "flops": n * f_small,
                      "final_bpb": val[-1]["bits_per_byte"]})
       log(f"  {small0.model.name} alone, {a} of the scratch FLOPs ({n} steps): "
@@ -199,11 +205,10 @@ def run_seed(seed, root, devices, log):
   for g in FLAGS.grow_at if FLAGS.arms else ():   # no arms: no small run to grow
     n_small = max(1, round(float(g) * steps * f_big / f_small))
     small = wsd(small0, n_small, small0.train.warmup_steps, 1).override(
-        {"data.tokenizer": tok, "train.decay_frac": 1e-6})   # held at its peak: grown mid-run
+        {"data.tokenizer": tok, "train.decay_frac": ladder.HOLD_DECAY})   # grown mid-run
     loop_lib.run(small, d(f"small_g{g}"), devices=devices, quiet=True)
     small_flops = n_small * f_small
-    curves[f"small g{g}"] = [(r["step"] * f_small, r["bits_per_byte"])
-                             for r in read_val(d(f"small_g{g}"))]
+    curves[f"small g{g}"] = curve(read_val(d(f"small_g{g}")), f_small)
     res = out["points"][g] = {"small_steps": n_small, "small_flops": small_flops}
     for arm in FLAGS.arms:
       opts, rewarm, finals = ARMS[arm]["grow"], ARMS[arm]["rewarm"], []
@@ -230,9 +235,8 @@ def run_seed(seed, root, devices, log):
           after = json.load(f)
         loop_lib.run(c, wd, devices=devices, quiet=True)
         val = read_val(wd)
-        pts = [(small_flops, after["bits_per_byte"])] + [
-            (small_flops + (r["step"] - start) * f_big, r["bits_per_byte"]) for r in val]
-        curves[f"{arm} g{g} b{b}"] = pts
+        curves[f"{arm} g{g} b{b}"] = [(small_flops, after["bits_per_byte"])] + curve(
+            val, f_big, small_flops, start)
         finals.append({"budget": float(b), "flops": small_flops + n * f_big,
                        "final_bpb": val[-1]["bits_per_byte"],
                        "bpb_after_growth": after["bits_per_byte"]})

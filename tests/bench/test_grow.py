@@ -31,3 +31,10 @@ def test_the_summary_gives_each_arm_and_the_small_model_alone_per_seed_mean_and_
   assert abs(alone["saving"]["mean"] - 0.65) < 1e-9 and alone["bound"] == {0: "", 1: ">="}
   del results[1]["small_alone"]                                 # not run: no reference
   assert grow.summary(results, ["0.35"], ["carry"])[1] is None
+
+
+def test_a_grown_runs_curve_counts_flops_from_the_small_run_and_its_own_steps():
+  val = [{"step": 110, "bits_per_byte": 2.0}, {"step": 130, "bits_per_byte": 1.9}]
+  # grown at step 100 after 500 FLOPs of the small run, 10 FLOPs per big-model step
+  assert grow.curve(val, 10.0, 500.0, 100) == [(600.0, 2.0), (800.0, 1.9)]
+  assert grow.curve(val[:1], 3.0) == [(330.0, 2.0)]
